@@ -1,0 +1,169 @@
+"""Array backend: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+This is the only module of ssmpi that imports ``cupy``. Everything else asks
+``get_array_module(x)`` for the module that owns an array and writes its maths
+once, for both.
+
+Selection (``SSMPI_DEVICE`` or :func:`select`):
+
+- ``auto`` (default): CuPy when it imports *and* sees at least one GPU, else NumPy;
+- ``cpu``: NumPy, always;
+- ``gpu``: CuPy, or a clear :class:`BackendError` when CuPy or a GPU is missing
+  (never a silent fallback to the CPU).
+
+On a GPU each rank binds to the device of its node-local rank modulo the number
+of visible devices (``bind_local_device``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy
+
+__all__ = [
+    "BackendError",
+    "select",
+    "xp",
+    "is_gpu",
+    "get_array_module",
+    "asnumpy",
+    "asarray",
+    "synchronize",
+    "local_rank",
+    "bind_local_device",
+    "device_name",
+]
+
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
+
+
+class BackendError(RuntimeError):
+    """The requested device cannot be used here."""
+
+
+_cupy = None  # the cupy module once imported and usable
+_xp = None  # the selected array module
+_device = None  # "cpu" or "gpu"
+
+
+def _try_cupy():
+    """Import CuPy and count GPUs; return (module or None, reason)."""
+    try:
+        import cupy  # noqa: PLC0415 - the one import of cupy in ssmpi
+    except Exception as e:  # ImportError, or a CUDA library error at import
+        return None, f"cupy does not import ({type(e).__name__}: {e})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return None, f"cupy sees no CUDA runtime ({type(e).__name__}: {e})"
+    if n < 1:
+        return None, "cupy imports but sees no GPU"
+    return cupy, ""
+
+
+def select(device: str | None = None):
+    """Choose the array module; returns it. ``device`` defaults to ``$SSMPI_DEVICE`` or auto."""
+    global _cupy, _xp, _device
+    if device is None:
+        device = os.environ.get("SSMPI_DEVICE", "auto") or "auto"
+    device = device.lower()
+    if device not in DEVICE_CHOICES:
+        raise BackendError(
+            f"SSMPI_DEVICE={device!r} is not one of {', '.join(DEVICE_CHOICES)}"
+        )
+    if device == "cpu":
+        _xp, _device = numpy, "cpu"
+        return _xp
+    cp, why = _try_cupy()
+    if cp is None:
+        if device == "gpu":
+            raise BackendError(f"device 'gpu' requested but {why}; use SSMPI_DEVICE=cpu")
+        _xp, _device = numpy, "cpu"
+        return _xp
+    _cupy, _xp, _device = cp, cp, "gpu"
+    return _xp
+
+
+def xp():
+    """The selected array module (selects with the environment on first use)."""
+    if _xp is None:
+        select()
+    return _xp
+
+
+def is_gpu() -> bool:
+    xp()
+    return _device == "gpu"
+
+
+def get_array_module(*arrays: Any):
+    """numpy or cupy, whichever owns the first array that is not None."""
+    if _cupy is not None:
+        for a in arrays:
+            if a is not None and isinstance(a, _cupy.ndarray):
+                return _cupy
+    return numpy
+
+
+def asnumpy(a):
+    """A NumPy copy (or view) of ``a`` on the host."""
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        return _cupy.asnumpy(a)
+    return numpy.asarray(a)
+
+
+def asarray(a, dtype=None):
+    """``a`` on the selected device."""
+    return xp().asarray(a, dtype=dtype)
+
+
+def synchronize(a=None) -> None:
+    """Wait for the device to finish work on ``a`` (a no-op for NumPy arrays).
+
+    Call before MPI touches a device buffer: CuPy kernels are asynchronous.
+    """
+    if _cupy is None:
+        return
+    if a is not None and not isinstance(a, _cupy.ndarray):
+        return
+    _cupy.cuda.get_current_stream().synchronize()
+
+
+def local_rank() -> int:
+    """Node-local rank from the launcher's environment (0 when unknown)."""
+    for var in (
+        "MPI_LOCALRANKID",  # MPICH / Hydra
+        "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI
+        "SLURM_LOCALID",  # srun
+        "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH
+        "PMI_LOCAL_RANK",
+    ):
+        v = os.environ.get(var)
+        if v is not None and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+def bind_local_device(rank: int | None = None) -> int | None:
+    """Bind this process to GPU ``local_rank % n_gpus``; returns the device id or None on CPU."""
+    if not is_gpu():
+        return None
+    n = _cupy.cuda.runtime.getDeviceCount()
+    dev = (local_rank() if rank is None else rank) % n
+    _cupy.cuda.Device(dev).use()
+    return dev
+
+
+def device_name() -> str:
+    """A human-readable description of the selected device."""
+    if not is_gpu():
+        return "cpu (numpy)"
+    dev = _cupy.cuda.Device()
+    try:
+        props = _cupy.cuda.runtime.getDeviceProperties(dev.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    except Exception:
+        name = "GPU"
+    return f"gpu {dev.id} ({name}, cupy {_cupy.__version__})"

@@ -1,0 +1,45 @@
+"""Shared fixtures: the array module (NumPy always, CuPy where a GPU is present)."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from ssmpi import backend  # noqa: E402
+
+
+def _cupy_or_none():
+    try:
+        return backend.select("gpu")
+    except backend.BackendError:
+        return None
+    finally:
+        backend.select("cpu")
+
+
+_CUPY = _cupy_or_none()
+XP_PARAMS = [pytest.param(np, id="numpy")]
+XP_PARAMS.append(
+    pytest.param(_CUPY, id="cupy", marks=pytest.mark.gpu)
+    if _CUPY is not None
+    else pytest.param(None, id="cupy", marks=pytest.mark.skip(reason="no CuPy/GPU here"))
+)
+
+
+@pytest.fixture(params=XP_PARAMS)
+def xp(request):
+    """The array module under test: numpy, and cupy where a GPU is available."""
+    mod = request.param
+    if mod is not None and mod is not np:
+        backend.select("gpu")
+        yield mod
+        backend.select("cpu")
+    else:
+        yield np
+
+
+def to_numpy(a):
+    return backend.asnumpy(a)
