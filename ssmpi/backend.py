@@ -31,6 +31,7 @@ __all__ = [
     "asnumpy",
     "asarray",
     "synchronize",
+    "pinned_empty",
     "local_rank",
     "bind_local_device",
     "device_name",
@@ -129,6 +130,16 @@ def synchronize(a=None) -> None:
     if a is not None and not isinstance(a, _cupy.ndarray):
         return
     _cupy.cuda.get_current_stream().synchronize()
+
+
+def pinned_empty(shape, dtype):
+    """A host array for staging device buffers to MPI (page-locked on a GPU, plain on CPU)."""
+    dtype = numpy.dtype(dtype)
+    if _cupy is None or not is_gpu():
+        return numpy.empty(shape, dtype)
+    n = int(numpy.prod(shape)) * dtype.itemsize
+    mem = _cupy.cuda.alloc_pinned_memory(max(n, 1))
+    return numpy.frombuffer(mem, dtype, int(numpy.prod(shape))).reshape(shape)
 
 
 def local_rank() -> int:

@@ -1,0 +1,64 @@
+"""No hangs: an exception on any rank ends the whole MPI job, naming the rank and unit."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+
+_where = {"rank": None, "units": ""}
+
+
+def set_context(rank: int, units: str = ""):
+    """What to name in error messages, e.g. ``set_context(3, "U4")``."""
+    _where["rank"], _where["units"] = rank, units
+
+
+def prefix() -> str:
+    r = _where["rank"]
+    u = f" {_where['units']}" if _where["units"] else ""
+    return f"[rank {r}{u}]" if r is not None else "[ssmpi]"
+
+
+def report(exc_type, exc, tb, *, full: bool = True) -> str:
+    """The message printed for a fatal error: one clear line, then the traceback."""
+    line = f"{prefix()} ERROR {exc_type.__name__}: {exc}"
+    text = line + "\n"
+    if full and os.environ.get("SSMPI_TRACEBACK", "1") != "0":
+        text += "".join(traceback.format_exception(exc_type, exc, tb))
+    return text
+
+
+def abort_job(code: int = 1):
+    """Abort every rank of the job (``MPI_Abort``), or exit if MPI is not initialised."""
+    try:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(code)
+    except Exception:
+        pass
+    os._exit(code)
+
+
+def install(comm=None):
+    """Install hooks so that an uncaught exception (main thread or any thread) prints a
+    one-line error with the rank and unit, then aborts the whole job."""
+    if comm is not None and _where["rank"] is None:
+        _where["rank"] = comm.Get_rank()
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.stderr.write(f"{prefix()} interrupted\n")
+            sys.stderr.flush()
+            abort_job(130)
+        sys.stderr.write(report(exc_type, exc, tb))
+        sys.stderr.flush()
+        abort_job(1)
+
+    def thook(args):
+        hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = hook
+    threading.excepthook = thook

@@ -1,0 +1,133 @@
+"""Models as lists of *modules* (the paper's layer-level blocks), to be grouped into units.
+
+A model is a :class:`ModelSpec`: a name, the per-sample input shape, a list of modules and a
+head kind (``"classify"``: the last module outputs logits and the loss is softmax
+cross-entropy; ``"frames"``: the last module outputs an image and the loss is mean-squared
+error against a future frame). A module is a list of layer *descriptions*, tuples that
+:func:`make_layers` turns into fresh :mod:`ssmpi.layers` objects, so every rank builds its
+own layers from the same config:
+
+    ("conv", cout, k, stride)   conv k x k (same padding) + bias
+    ("relu",)                   ReLU
+    ("pool", k)                 k x k max-pool, stride k
+    ("gap",)                    global average pool (N, H, W, C) -> (N, C)
+    ("linear", dout)            fully connected
+    ("dropout", p)              inverted dropout
+    ("s2d", b)                  space-to-depth with block b
+
+VGG8 (the paper's HMDB51/UCF101 backbone, 8 modules -> 8 units) at 112x112:
+    U1 conv64 pool | U2 conv128 pool | U3 conv256 | U4 conv256 pool | U5 conv512 |
+    U6 conv512 pool | U7 conv512 | U8 gap + linear(K)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+from . import layers as L
+
+__all__ = ["ModelSpec", "make_layers", "vgg8", "vgg16", "tiny", "get_model", "MODELS"]
+
+LayerDesc = Tuple
+Module = List[LayerDesc]
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    in_shape: Tuple[int, int, int]  # per-sample input frame shape (H, W, C)
+    modules: List[Module]
+    head: str = "classify"  # "classify" | "frames"
+    num_classes: int = 0
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def make_layers(module: Module, seed: int = 0) -> List[L.Layer]:
+    """Fresh layer objects for one module description."""
+    out = []
+    for d in module:
+        kind = d[0]
+        if kind == "conv":
+            cout, k = d[1], d[2] if len(d) > 2 else 3
+            stride = d[3] if len(d) > 3 else 1
+            out.append(L.Conv2d(cout, k, stride))
+        elif kind == "relu":
+            out.append(L.ReLU())
+        elif kind == "pool":
+            out.append(L.MaxPool2d(d[1] if len(d) > 1 else 2))
+        elif kind == "gap":
+            out.append(L.GlobalAvgPool())
+        elif kind == "linear":
+            out.append(L.Linear(d[1]))
+        elif kind == "dropout":
+            out.append(L.Dropout(d[1], seed=seed))
+        elif kind == "s2d":
+            out.append(L.SpaceToDepth(d[1] if len(d) > 1 else 2))
+        else:
+            raise ValueError(f"unknown layer kind {kind!r} in module {module}")
+    return out
+
+
+def _w(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+def vgg8(num_classes: int = 51, width: float = 1.0, resolution: int = 112,
+         s2d: bool = False) -> ModelSpec:
+    """VGG8: 7 conv modules + a classifier module (8 units in the paper's setting)."""
+    w = lambda c: _w(c, width)  # noqa: E731
+    stem = [("s2d", 2)] if s2d else []
+    mods = [
+        stem + [("conv", w(64), 3), ("relu",), ("pool", 2)],
+        [("conv", w(128), 3), ("relu",), ("pool", 2)],
+        [("conv", w(256), 3), ("relu",)],
+        [("conv", w(256), 3), ("relu",), ("pool", 2)],
+        [("conv", w(512), 3), ("relu",)],
+        [("conv", w(512), 3), ("relu",), ("pool", 2)],
+        [("conv", w(512), 3), ("relu",)],
+        [("gap",), ("linear", num_classes)],
+    ]
+    return ModelSpec(f"vgg8(width={width})", (resolution, resolution, 3), mods, "classify",
+                     num_classes)
+
+
+def vgg16(num_classes: int = 600, width: float = 1.0, resolution: int = 224) -> ModelSpec:
+    """VGG16: 13 conv + 3 classifier layers as 16 modules (2 modules per unit on 8 ranks)."""
+    w = lambda c: _w(c, width)  # noqa: E731
+    cfg = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P"]
+    mods: List[Module] = []
+    for c in cfg:
+        if c == "P":
+            mods[-1].append(("pool", 2))
+        else:
+            mods.append([("conv", w(c), 3), ("relu",)])
+    mods.append([("gap",), ("linear", w(4096)), ("relu",)])
+    mods.append([("linear", w(4096)), ("relu",)])
+    mods.append([("linear", num_classes)])
+    return ModelSpec(f"vgg16(width={width})", (resolution, resolution, 3), mods, "classify",
+                     num_classes)
+
+
+def tiny(num_classes: int = 4, units: int = 4, width: int = 8, resolution: int = 16,
+         pool_every: int = 2, channels: int = 3) -> ModelSpec:
+    """A small VGG-like model for tests and demos: ``units - 1`` conv modules + a head."""
+    mods: List[Module] = []
+    for i in range(units - 1):
+        m: Module = [("conv", width * (1 + i // 2), 3), ("relu",)]
+        if pool_every and (i + 1) % pool_every == 0:
+            m.append(("pool", 2))
+        mods.append(m)
+    mods.append([("gap",), ("linear", num_classes)])
+    return ModelSpec(f"tiny(units={units}, width={width})", (resolution, resolution, channels),
+                     mods, "classify", num_classes)
+
+
+MODELS = {"vgg8": vgg8, "vgg16": vgg16, "tiny": tiny}
+
+
+def get_model(name: str, **kwargs) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not one of {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)

@@ -1,0 +1,248 @@
+"""Units, edges and placement: the static structure every rank derives from the config.
+
+Words as in ``ALGORITHM.md``:
+
+- a **module** is one layer-level block of the model (:mod:`ssmpi.models`);
+- a **unit** U_l (l = 1..L) is a contiguous group of modules; inside a unit ordinary
+  backprop on the current frame, between units the Sideways delays;
+- an **edge** i -> j carries an activation up and its pseudo-gradient down:
+  *direct* edges j = i + 1 and *shortcut* edges j = i + 2 .. i + k (Skip-Sideways);
+- **placement** maps units to MPI ranks: one unit per rank, contiguous groups of units
+  per rank, or all units on one rank (the serial executor), times R data-parallel replicas.
+
+Training modes:
+
+==========  ==================================================================
+``bp``      all modules in a single unit: exact per-frame backprop
+``sideways`` direct edges only (k = 1)
+``skip``    Skip-Sideways: direct + shortcut edges up to distance k (k >= 2)
+``fa-skip`` shortcut activations, but no pseudo-gradient down shortcut edges
+==========  ==================================================================
+
+Every ``rank == ...`` decision of the engine lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import ops
+from .models import ModelSpec, make_layers
+
+Shape = Tuple[int, ...]
+MODES = ("bp", "sideways", "skip", "fa-skip")
+FUSIONS = ("concat", "add")
+
+
+class TopologyError(ValueError):
+    """The model, mode or placement does not fit together."""
+
+
+@dataclass(frozen=True)
+class Edge:
+    """U_src -> U_dst. ``act_shape`` is the per-sample shape that travels up (after tau)."""
+
+    eid: int
+    src: int
+    dst: int
+    kind: str  # "direct" | "shortcut"
+    act_shape: Shape
+    src_shape: Shape  # h_src's per-sample shape (before tau)
+    grad: bool  # does a pseudo-gradient travel down this edge?
+
+    @property
+    def distance(self) -> int:
+        return self.dst - self.src
+
+    def tag(self, what: str) -> int:
+        """MPI tag of one message kind on this edge (unique per edge and kind)."""
+        return 16 + 4 * self.eid + {"act": 0, "act_hdr": 1, "grad": 2, "grad_hdr": 3}[what]
+
+    def __str__(self) -> str:
+        return f"{self.kind} edge U{self.src}->U{self.dst}"
+
+
+class Topology:
+    """Units and edges of a model under a training mode.
+
+    Parameters
+    ----------
+    model : ModelSpec
+    mode : one of ``MODES``
+    k : largest edge distance for ``skip``/``fa-skip`` (k = 1 is Sideways; the paper uses 2)
+    fuse : ``"concat"`` or ``"add"`` (equation 1)
+    modules_per_unit : group this many consecutive modules into one unit (VGG16 on 8 ranks: 2);
+        or pass ``groups`` explicitly as lists of module indices.
+    """
+
+    def __init__(self, model: ModelSpec, mode: str = "skip", k: int = 2, fuse: str = "concat",
+                 modules_per_unit: int = 1, groups: Optional[Sequence[Sequence[int]]] = None):
+        if mode not in MODES:
+            raise TopologyError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        if fuse not in FUSIONS:
+            raise TopologyError(f"fuse {fuse!r} is not one of {', '.join(FUSIONS)}")
+        if mode in ("skip", "fa-skip") and k < 2:
+            raise TopologyError(f"mode {mode!r} needs k >= 2 (k = 1 is mode 'sideways'), got {k}")
+        if k < 1:
+            raise TopologyError(f"k must be >= 1, got {k}")
+        self.model, self.mode, self.fuse = model, mode, fuse
+        self.k = 1 if mode in ("bp", "sideways") else int(k)
+        nmod = len(model.modules)
+        if mode == "bp":
+            groups = [list(range(nmod))]
+        elif groups is None:
+            if modules_per_unit < 1:
+                raise TopologyError(f"modules_per_unit must be >= 1, got {modules_per_unit}")
+            groups = [list(range(i, min(i + modules_per_unit, nmod)))
+                      for i in range(0, nmod, modules_per_unit)]
+        flat = [m for g in groups for m in g]
+        if flat != list(range(nmod)):
+            raise TopologyError(f"unit groups {groups} must cover modules 0..{nmod - 1} in order")
+        self.groups: List[List[int]] = [list(g) for g in groups]
+        self.L = len(self.groups)
+        self._derive_shapes()
+
+    # -- structure ---------------------------------------------------------------------
+    def _derive_shapes(self):
+        """Per-unit input (fused) and output shapes, and the edges, from shapes alone."""
+        self.in_shapes: Dict[int, Shape] = {}
+        self.out_shapes: Dict[int, Shape] = {}
+        self.edges: List[Edge] = []
+        eid = 0
+        for l in range(1, self.L + 1):
+            if l == 1:
+                gamma = tuple(self.model.in_shape)
+            else:
+                direct = self.out_shapes[l - 1]
+                e = Edge(eid, l - 1, l, "direct", direct, direct, True)
+                self.edges.append(e)
+                eid += 1
+                gamma = direct
+                for i in range(l - 2, max(1, l - self.k) - 1, -1):  # shortcuts i -> l
+                    src = self.out_shapes[i]
+                    if len(src) != 3 or len(direct) != 3:
+                        raise TopologyError(
+                            f"shortcut U{i}->U{l}: tau needs image activations (H, W, C), got "
+                            f"{src} -> {direct}; use a smaller k or group units")
+                    out_c = direct[2] if self.fuse == "add" else None
+                    try:
+                        act = ops.tau_out_shape((1,) + tuple(src), direct[:2], out_c)[1:]
+                    except ValueError as err:
+                        raise TopologyError(f"shortcut U{i}->U{l}: {err}") from None
+                    self.edges.append(Edge(eid, i, l, "shortcut", tuple(act), src,
+                                           self.mode != "fa-skip"))
+                    eid += 1
+                    if self.fuse == "concat":
+                        gamma = gamma[:2] + (gamma[2] + act[2],)
+            self.in_shapes[l] = gamma
+            shape = gamma
+            for layer in self.unit_layers(l):
+                try:
+                    shape = layer.build(shape)
+                except ValueError as err:
+                    raise TopologyError(f"unit U{l}: {err}") from None
+            self.out_shapes[l] = shape
+
+    def unit_layers(self, l: int, seed: int = 0):
+        """Fresh (unbuilt) layer objects of unit ``l``."""
+        out = []
+        for m in self.groups[l - 1]:
+            out.extend(make_layers(self.model.modules[m], seed=seed * 1009 + m))
+        return out
+
+    def inbound(self, l: int) -> List[Edge]:
+        """Edges into U_l: the direct edge first, then shortcuts by increasing distance."""
+        return sorted((e for e in self.edges if e.dst == l), key=lambda e: e.distance)
+
+    def outbound(self, l: int) -> List[Edge]:
+        """Edges out of U_l: the direct edge first, then shortcuts by increasing distance."""
+        return sorted((e for e in self.edges if e.src == l), key=lambda e: e.distance)
+
+    def describe(self) -> str:
+        lines = [f"{self.model.name}: {self.L} units, mode {self.mode}, k={self.k}, "
+                 f"fuse {self.fuse}"]
+        for l in range(1, self.L + 1):
+            mods = ", ".join(str(m + 1) for m in self.groups[l - 1])
+            lines.append(f"  U{l}: modules {mods}; in {self.in_shapes[l]} -> out "
+                         f"{self.out_shapes[l]}")
+        return "\n".join(lines)
+
+
+def balanced_groups(n: int, parts: int) -> List[List[int]]:
+    """Split 1..n into ``parts`` contiguous groups whose sizes differ by at most one."""
+    base, extra = divmod(n, parts)
+    out, start = [], 1
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+class Placement:
+    """Which rank of a communicator runs which unit.
+
+    Ranks are laid out replica-major: replica r owns ranks ``r*P .. r*P + P - 1`` where P is
+    the number of ranks per pipeline; rank ``r*P + p`` runs the p-th contiguous group of
+    units. ``P = 1`` is the serial executor.
+    """
+
+    def __init__(self, n_units: int, world_size: int, replicas: int = 1,
+                 ranks_per_replica: Optional[int] = None):
+        if replicas < 1:
+            raise TopologyError(f"replicas must be >= 1, got {replicas}")
+        if world_size % replicas:
+            raise TopologyError(
+                f"{world_size} ranks cannot hold {replicas} equal replicas; "
+                f"{fits_message(n_units, world_size)}")
+        P = world_size // replicas if ranks_per_replica is None else ranks_per_replica
+        if P * replicas != world_size:
+            raise TopologyError(
+                f"{world_size} ranks != {replicas} replicas x {P} ranks per replica; "
+                f"{fits_message(n_units, world_size)}")
+        if P > n_units:
+            raise TopologyError(
+                f"{world_size} ranks ({replicas} replica(s) x {P}) but the model has only "
+                f"{n_units} units: at most one rank per unit. {fits_message(n_units, world_size)}")
+        self.L, self.world_size, self.replicas, self.P = n_units, world_size, replicas, P
+        self.groups = balanced_groups(n_units, P)
+        self._rank_of = {}
+        for p, g in enumerate(self.groups):
+            for l in g:
+                self._rank_of[l] = p
+
+    def rank_of(self, l: int, replica: int = 0) -> int:
+        return replica * self.P + self._rank_of[l]
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.P
+
+    def position_of(self, rank: int) -> int:
+        """Index of ``rank``'s unit group inside its pipeline (the same for every replica)."""
+        return rank % self.P
+
+    def units_of(self, rank: int) -> List[int]:
+        return list(self.groups[self.position_of(rank)])
+
+    def owns_bottom(self, rank: int) -> bool:
+        return 1 in self.units_of(rank)
+
+    def owns_top(self, rank: int) -> bool:
+        return self.L in self.units_of(rank)
+
+    def describe(self) -> str:
+        parts = []
+        for p, g in enumerate(self.groups):
+            parts.append(f"rank {p}: " + ",".join(f"U{l}" for l in g))
+        rep = f" x {self.replicas} replicas" if self.replicas > 1 else ""
+        return f"{self.P} ranks per pipeline{rep}: " + "; ".join(parts)
+
+
+def fits_message(n_units: int, world_size: int) -> str:
+    """Say which rank counts fit a model of ``n_units`` units."""
+    fits = [p for p in range(1, n_units + 1)]
+    ex = ", ".join(f"-n {p}" for p in fits if p in (1, 2, 3, 4, 8, n_units) or p == n_units)
+    return (f"a model of {n_units} units runs on 1..{n_units} ranks per replica ({ex}, ...), "
+            f"or on a multiple of that with replicas (e.g. -n {2 * n_units} = 2 replicas x "
+            f"{n_units}); got {world_size}")
