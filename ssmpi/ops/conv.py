@@ -1,0 +1,325 @@
+"""Convolutions as im2col + one GEMM, channels last (NHWC / NTHWC).
+
+Shape legend
+------------
+N          batch
+T          frames (time axis of a clip)
+H, W       input height and width
+Ho, Wo     output height and width
+Cin, Cout  input and output channels
+kt, kh, kw kernel extent along time, height and width
+S          number of kernel taps: kh*kw (2-D) or kt*kh*kw (causal 3-D)
+M          rows of the GEMM: N*Ho*Wo (2-D) or N*T*Ho*Wo (3-D)
+K          depth of the GEMM: S*Cin
+
+How it works
+------------
+Forward: the columns ``cols`` (M, K) = (N, Ho, Wo, S, Cin) hold, for every output position and
+every kernel tap, the Cin input values that tap sees. They are built with one strided slice
+copy per tap, straight from ``x``: the part of a tap's window that falls into the zero padding
+is simply never written (the buffer is zeroed once when it is allocated), so no padded copy of
+``x`` is ever made. Then ``y (M, Cout) = cols (M, K) @ w (K, Cout)``, which is already NHWC.
+
+Backward: ``dw = cols.T @ dy``, ``db = sum(dy)``, and ``dcols (M, K) = dy @ w.T`` followed by
+col2im: one strided slice add per tap into ``dx``. ``need_dx=False`` (the bottom layer of a
+network) skips dcols and col2im altogether.
+
+Causal 3-D convolution is the same code with a third "spatial" axis, time, padded with kt-1
+zero frames on the left only and stride 1, so output frame t sees input frames t-kt+1..t.
+
+Workspace ``ws`` (what is cached)
+---------------------------------
+``ws`` is an optional dict owned by the caller, one per layer instance. When given, the op
+keeps in it, keyed by the full geometry (shapes, strides, pads, dtype):
+
+- ``"cols"``: the (M, K) im2col buffer. Its padding border is zeroed once at allocation and
+  never written again, so later forwards only copy the valid windows;
+- ``"dcols"``: the (M, K) buffer for ``dy @ w.T`` (GEMM written with ``out=``);
+- ``"plan"``: the per-tap slice table.
+
+Outputs handed to the caller (``y``, ``dx``, ``dw``, ``db``) are always fresh arrays, so they
+may be kept, sent over MPI or accumulated into. The residual ``res`` of a forward run with a
+``ws`` refers to ``ws["cols"]``: the next forward with the same ``ws`` overwrites it. That is
+the contract: one forward, then its backward, then the next forward. With ``ws=None``
+everything is freshly allocated and residuals of several forwards can stay alive at once
+(GPipe, exact backprop through a clip).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ssmpi import backend
+
+__all__ = [
+    "ConvRes",
+    "conv2d_fwd",
+    "conv2d_bwd",
+    "conv3d_causal_fwd",
+    "conv3d_causal_bwd",
+    "conv_out_size",
+]
+
+
+class _Plan(NamedTuple):
+    """Geometry of one convolution; built once per (shapes, strides, pads)."""
+
+    key: tuple
+    x_shape: tuple  # (N, *in_sizes, Cin)
+    y_shape: tuple  # (N, *out_sizes, Cout)
+    ks: tuple  # kernel extents, one per spatial axis
+    # per tap: (tap index s, output slices, input slices); taps seeing only padding are left out
+    taps: tuple
+    has_border: bool  # some tap window reaches into the padding (cols needs zeros)
+    full_tap: int | None  # index into taps of a tap whose input slice is all of x, or None
+
+
+class ConvRes(NamedTuple):
+    """What conv2d_bwd / conv3d_causal_bwd need."""
+
+    cols: Any  # (M, K) im2col columns of the forward (may live in ws["cols"])
+    w: Any  # (*ks, Cin, Cout) the weights of the forward
+    plan: _Plan
+    has_bias: bool
+    ws: dict | None
+    op: str
+
+
+def conv_out_size(n: int, k: int, stride: int, pad_lo: int, pad_hi: int) -> int:
+    """Output extent of a convolution along one axis: floor((n + pads - k) / stride) + 1."""
+    return (n + pad_lo + pad_hi - k) // stride + 1
+
+
+def _pair(op: str, name: str, v, n: int, lo: int) -> tuple:
+    """An int or an n-tuple of ints (each >= lo) as an n-tuple."""
+    if isinstance(v, (tuple, list)):
+        t = tuple(v)
+    else:
+        t = (v,) * n
+    if len(t) != n or not all(isinstance(a, int) and not isinstance(a, bool) for a in t):
+        raise ValueError(f"{op}: {name} must be an int or {n} ints, got {v!r}")
+    if any(a < lo for a in t):
+        raise ValueError(f"{op}: {name} must be >= {lo}, got {v!r}")
+    return t
+
+
+def _check_float(op: str, name: str, a, dtype=None) -> None:
+    kind = getattr(getattr(a, "dtype", None), "kind", None)
+    if kind != "f":
+        raise ValueError(f"{op}: {name} must be a floating array, got dtype "
+                         f"{getattr(a, 'dtype', type(a).__name__)}")
+    if dtype is not None and a.dtype != dtype:
+        raise ValueError(f"{op}: {name} has dtype {a.dtype} but x has dtype {dtype}")
+
+
+def _axis_taps(n: int, k: int, s: int, plo: int, no: int):
+    """For each offset i < k along one axis: (out slice, in slice, full_out, full_in) or None.
+
+    Output index o sees input index o*s + i - plo; it is valid when 0 <= that < n.
+    """
+    res = []
+    for i in range(k):
+        o_lo = max(0, -((i - plo) // s))  # ceil((plo - i) / s)
+        o_hi = min(no, (n - 1 + plo - i) // s + 1)
+        if o_hi <= o_lo:
+            res.append(None)
+            continue
+        start = o_lo * s + i - plo
+        stop = (o_hi - 1) * s + i - plo + 1
+        full_out = o_lo == 0 and o_hi == no
+        full_in = start == 0 and stop == n and (s == 1 or o_hi - o_lo == 1)
+        res.append((slice(o_lo, o_hi), slice(start, stop, s), full_out, full_in))
+    return res
+
+
+def _make_plan(op, x_shape, w_shape, strides, pads_lo, pads_hi) -> _Plan:
+    key = (x_shape, w_shape, strides, pads_lo, pads_hi)
+    nsp = len(strides)
+    n_, in_sizes, cin = x_shape[0], x_shape[1:-1], x_shape[-1]
+    ks, cin_w, cout = w_shape[:nsp], w_shape[nsp], w_shape[nsp + 1]
+    if cin_w != cin:
+        raise ValueError(f"{op}: x {x_shape} has {cin} channels but w {w_shape} expects {cin_w}")
+    out_sizes = []
+    for n, k, s, lo, hi in zip(in_sizes, ks, strides, pads_lo, pads_hi):
+        if k < 1 or n + lo + hi < k:
+            raise ValueError(f"{op}: kernel {tuple(ks)} larger than the padded input "
+                             f"(x {x_shape}, pads {pads_lo}/{pads_hi})")
+        out_sizes.append(conv_out_size(n, k, s, lo, hi))
+    per_axis = [_axis_taps(n, k, s, lo, no)
+                for n, k, s, lo, no in zip(in_sizes, ks, strides, pads_lo, out_sizes)]
+    taps, has_border, full_tap = [], False, None
+    tap = 0
+
+    def rec(d, chosen):
+        nonlocal tap, has_border, full_tap
+        if d == nsp:
+            if any(c is None for c in chosen):
+                has_border = True
+            else:
+                if not all(c[2] for c in chosen):
+                    has_border = True
+                if full_tap is None and all(c[3] for c in chosen):
+                    full_tap = len(taps)
+                taps.append((tap, tuple(c[0] for c in chosen), tuple(c[1] for c in chosen)))
+            tap += 1
+            return
+        for c in per_axis[d]:
+            rec(d + 1, chosen + [c])
+
+    rec(0, [])
+    return _Plan(key, tuple(x_shape), (n_, *out_sizes, cout), tuple(ks), tuple(taps),
+                 has_border, full_tap)
+
+
+def _cached(ws, name, key, make):
+    """ws[name] when it was made for ``key``, else ``make()`` stored there (ws=None: make())."""
+    if ws is None:
+        return make()
+    hit = ws.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    val = make()
+    ws[name] = (key, val)
+    return val
+
+
+def _conv_fwd(op, x, w, b, strides, pads_lo, pads_hi, ws):
+    xp = backend.get_array_module(x)
+    _check_float(op, "x", x)
+    _check_float(op, "w", w, x.dtype)
+    if b is not None:
+        _check_float(op, "b", b, x.dtype)
+        if b.shape != (w.shape[-1],):
+            raise ValueError(f"{op}: b {b.shape} must be ({w.shape[-1]},) for w {w.shape}")
+    nsp = len(strides)
+    if x.ndim != nsp + 2 or w.ndim != nsp + 2:
+        raise ValueError(f"{op}: expected x with {nsp + 2} dims and w with {nsp + 2} dims, "
+                         f"got x {x.shape} and w {w.shape}")
+    key = (tuple(x.shape), tuple(w.shape), strides, pads_lo, pads_hi, str(x.dtype), xp.__name__)
+    plan = _cached(ws, "plan", key,
+                   lambda: _make_plan(op, tuple(x.shape), tuple(w.shape), strides, pads_lo,
+                                      pads_hi))
+    y_shape = plan.y_shape
+    cin, cout = x.shape[-1], w.shape[-1]
+    n_taps = 1
+    for k in plan.ks:
+        n_taps *= k
+    cols_shape = (*y_shape[:-1], n_taps, cin)  # (N, *out, S, Cin)
+    m = 1
+    for a in y_shape[:-1]:
+        m *= a
+    kdim = n_taps * cin
+
+    def alloc_cols():
+        return (xp.zeros if plan.has_border else xp.empty)(cols_shape, dtype=x.dtype)
+
+    cols = _cached(ws, "cols", key, alloc_cols)
+    lead = (slice(None),)
+    for s, out_sl, in_sl in plan.taps:
+        cols[lead + out_sl + (s,)] = x[lead + in_sl]
+    cols2 = cols.reshape(m, kdim)
+    y = xp.empty(y_shape, dtype=x.dtype)
+    xp.matmul(cols2, w.reshape(kdim, cout), out=y.reshape(m, cout))
+    if b is not None:
+        y += b
+    return y, ConvRes(cols2, w, plan, b is not None, ws, op)
+
+
+def _conv_bwd(res: ConvRes, dy, need_dx):
+    op = res.op.replace("_fwd", "_bwd")
+    plan, cols2, w = res.plan, res.cols, res.w
+    xp = backend.get_array_module(dy)
+    _check_float(op, "dy", dy)
+    if tuple(dy.shape) != plan.y_shape:
+        raise ValueError(f"{op}: dy {tuple(dy.shape)} does not match y {plan.y_shape}")
+    dtype = cols2.dtype
+    m, kdim = cols2.shape
+    cout = plan.y_shape[-1]
+    dy2 = xp.ascontiguousarray(dy, dtype=dtype).reshape(m, cout)
+    dw = xp.matmul(cols2.T, dy2).reshape(w.shape)
+    db = dy2.sum(axis=0) if res.has_bias else None
+    if not need_dx:
+        return None, dw, db
+    key = plan.key + (str(dtype), xp.__name__)
+    dcols = _cached(res.ws, "dcols", key, lambda: xp.empty((m, kdim), dtype=dtype))
+    xp.matmul(dy2, w.reshape(kdim, cout).T, out=dcols)
+    dcols = dcols.reshape(*plan.y_shape[:-1], kdim // plan.x_shape[-1], plan.x_shape[-1])
+    lead = (slice(None),)
+    taps = plan.taps
+    if plan.full_tap is not None:
+        s, out_sl, _ = taps[plan.full_tap]
+        dx = xp.empty(plan.x_shape, dtype=dtype)
+        dx[...] = dcols[lead + out_sl + (s,)]
+        taps = taps[:plan.full_tap] + taps[plan.full_tap + 1:]
+    else:
+        dx = xp.zeros(plan.x_shape, dtype=dtype)
+    for s, out_sl, in_sl in taps:
+        dst = dx[lead + in_sl]
+        xp.add(dst, dcols[lead + out_sl + (s,)], out=dst)
+    return dx, dw, db
+
+
+def conv2d_fwd(x, w, b, *, stride=1, pad=0, ws=None):
+    """2-D convolution (cross-correlation), zero padding, NHWC.
+
+    Parameters
+    ----------
+    x : (N, H, W, Cin) float array
+    w : (kh, kw, Cin, Cout), same dtype as x
+    b : (Cout,) or None
+    stride, pad : int or (sh, sw) / (ph, pw); pad is symmetric zero padding
+    ws : dict or None, the caller's per-layer workspace (see the module docstring)
+
+    Returns
+    -------
+    y : (N, Ho, Wo, Cout), Ho = (H + 2 ph - kh) // sh + 1
+    res : ConvRes
+    """
+    op = "conv2d_fwd"
+    strides = _pair(op, "stride", stride, 2, 1)
+    pads = _pair(op, "pad", pad, 2, 0)
+    return _conv_fwd(op, x, w, b, strides, pads, pads, ws)
+
+
+def conv2d_bwd(res: ConvRes, dy, *, need_dx=True):
+    """VJP of conv2d_fwd.
+
+    dy : (N, Ho, Wo, Cout). Returns (dx (N, H, W, Cin) or None when need_dx is False,
+    dw (kh, kw, Cin, Cout), db (Cout,) or None when the forward had no bias).
+    """
+    return _conv_bwd(res, dy, need_dx)
+
+
+def conv3d_causal_fwd(x, w, b, *, stride=1, pad=0, ws=None):
+    """Causal 3-D convolution, NTHWC: output frame t sees input frames t-kt+1..t.
+
+    Parameters
+    ----------
+    x : (N, T, H, W, Cin) float array
+    w : (kt, kh, kw, Cin, Cout), same dtype as x
+    b : (Cout,) or None
+    stride, pad : spatial only, int or (sh, sw) / (ph, pw), as in conv2d_fwd. Time has stride 1
+        and kt-1 zero frames before frame 0 (none after).
+    ws : dict or None, the caller's per-layer workspace (see the module docstring)
+
+    Returns
+    -------
+    y : (N, T, Ho, Wo, Cout)
+    res : ConvRes
+    """
+    op = "conv3d_causal_fwd"
+    strides = _pair(op, "stride", stride, 2, 1)
+    pads = _pair(op, "pad", pad, 2, 0)
+    if getattr(w, "ndim", 0) != 5:
+        raise ValueError(f"{op}: w must be (kt, kh, kw, Cin, Cout), got {getattr(w, 'shape', w)}")
+    kt = w.shape[0]
+    return _conv_fwd(op, x, w, b, (1,) + strides, (kt - 1,) + pads, (0,) + pads, ws)
+
+
+def conv3d_causal_bwd(res: ConvRes, dy, *, need_dx=True):
+    """VJP of conv3d_causal_fwd.
+
+    dy : (N, T, Ho, Wo, Cout). Returns (dx (N, T, H, W, Cin) or None, dw (kt, kh, kw, Cin, Cout),
+    db (Cout,) or None).
+    """
+    return _conv_bwd(res, dy, need_dx)
