@@ -1,0 +1,73 @@
+"""Helpers for engine tests: small models, an independent static backprop, a runner."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ssmpi import models, ops
+from ssmpi.sideways import Engine
+from ssmpi.topology import Placement, Topology
+
+
+def small_spec(L: int, width: int = 4, res: int = 8, classes: int = 3) -> models.ModelSpec:
+    return models.tiny(num_classes=classes, units=L, width=width, resolution=res)
+
+
+def make_engine(comm, L=4, mode="skip", fuse="concat", k=2, batch=2, seed=3, dtype=np.float32,
+                replicas=1, spec=None, **kw):
+    spec = spec or small_spec(L)
+    topo = Topology(spec, mode=mode, k=k, fuse=fuse)
+    pl = Placement(topo.L, comm.Get_size(), replicas=replicas)
+    kw.setdefault("optimizer", dict(name="sgd", lr=1e-2, momentum=0.9))
+    return Engine(topo, pl, comm, batch=batch, seed=seed, dtype=dtype, **kw)
+
+
+def static_backprop(topo: Topology, units: dict, x, labels):
+    """Exact gradient of the *static* network on one frame, written without the engine.
+
+    Unit l takes fuse(h_{l-1}, tau h_{l-2}, ..., tau h_{l-k}) (what Skip-Sideways computes
+    when every frame is the same); the loss is softmax cross-entropy on h_L. Returns
+    {l: flat gradient of unit l's parameters} (NumPy).
+    """
+    L = topo.L
+    h, res, fres, taures = {}, {}, {}, {}
+    for l in range(1, L + 1):
+        if l == 1:
+            gamma = x
+        else:
+            inb = topo.inbound(l)
+            parts = [h[inb[0].src]]
+            for e in inb[1:]:
+                out_c = e.act_shape[2] if topo.fuse == "add" else None
+                y, r = ops.tau_fwd(h[e.src], e.act_shape[:2], out_c)
+                taures[e.eid] = r
+                parts.append(y)
+            if len(parts) > 1:
+                gamma, fres[l] = ops.fuse_fwd(parts, topo.fuse)
+            else:
+                gamma = parts[0]
+        h[l], res[l] = units[l].forward(gamma)
+    loss, lres = ops.softmax_xent_fwd(h[L], labels)
+    dh = {L: ops.softmax_xent_bwd(lres, 1.0)}
+    grads = {}
+    for l in range(L, 0, -1):
+        u = units[l]
+        saved = u.grad.copy(), u.count
+        u.grad[...] = 0
+        dgamma, _ = u.backward(res[l], dh[l], need_dx=l > 1)
+        grads[l] = np.array(u.grad, copy=True)
+        u.grad[...], u.count = saved
+        if l == 1:
+            continue
+        inb = topo.inbound(l)
+        pieces = ops.fuse_bwd(fres[l], dgamma) if l in fres else [dgamma]
+        for e, p in zip(inb, pieces):
+            if e.kind == "shortcut":
+                p = ops.tau_bwd(taures[e.eid], p)
+            dh[e.src] = dh[e.src] + p if e.src in dh else p
+    return grads, float(loss)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
