@@ -147,7 +147,7 @@ def test_reset_mode_update_is_mean_of_valid_step_gradients():
     before = eng.parameters()
     rng = np.random.default_rng(2)
     clip = rng.standard_normal((2, T, 8, 8, 3))
-    eng.run_clip(T, clip, np.array([0, 1]))
+    eng.run_clip(T, clip, np.array([0]))
     after = eng.parameters()
     for l in range(1, L + 1):
         gs = [r.grad for r in eng.records if r.l == l and r.c_valid]
@@ -213,19 +213,19 @@ def test_memory_does_not_grow_with_clip_length():
     """Coarse: bytes allocated by the engine during a clip of 256 frames vs 32 frames."""
     import tracemalloc
 
-    eng = make_engine(SELF, L=4, mode="skip", batch=2)
+    eng = make_engine(SELF, L=3, mode="skip", batch=1, spec=small_spec(3, width=16, res=64))
     peaks = {}
     for T in (32, 256):
-        clip = np.random.default_rng(0).standard_normal((2, T, 8, 8, 3)).astype(np.float32)
-        eng.run_clip(T, clip, np.array([0, 1]))  # warm up caches
+        clip = np.random.default_rng(0).standard_normal((1, T, 64, 64, 3)).astype(np.float32)
+        eng.run_clip(T, clip, np.array([0]))  # warm up caches
         tracemalloc.start()
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        eng.run_clip(T, clip, np.array([0, 1]))
+        eng.run_clip(T, clip, np.array([0]))
         peaks[T] = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
-    assert peaks[32] > 10_000, peaks  # the engine really allocates per step
-    assert peaks[256] <= 1.05 * peaks[32] + 4096, peaks
+    assert peaks[32] > 800_000, peaks  # the engine really allocates per step
+    assert peaks[256] <= 1.05 * peaks[32], peaks
 
 
 def test_schedule_cli_prints_tables(capsys):
