@@ -147,7 +147,7 @@ def test_reset_mode_update_is_mean_of_valid_step_gradients():
     before = eng.parameters()
     rng = np.random.default_rng(2)
     clip = rng.standard_normal((2, T, 8, 8, 3))
-    eng.run_clip(T, clip, np.array([0]))
+    eng.run_clip(T, clip, np.array([0, 1]))
     after = eng.parameters()
     for l in range(1, L + 1):
         gs = [r.grad for r in eng.records if r.l == l and r.c_valid]
