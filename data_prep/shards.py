@@ -88,11 +88,11 @@ class ShardWriter:
         for k, v in (extra_attrs or {}).items():
             self.f.attrs[k] = v
         self.f.create_group("videos")
-        self.kw = {}
+        self.kw = {"fletcher32": True}  # a checksum per chunk: garbled data fail to read
         if compression == "gzip":
-            self.kw = dict(compression="gzip", compression_opts=int(gzip_level))
+            self.kw.update(compression="gzip", compression_opts=int(gzip_level))
         elif compression == "lzf":
-            self.kw = dict(compression="lzf")
+            self.kw.update(compression="lzf")
         self.rows = {k: [] for k in ("label", "num_frames", "height", "width", "orig_frames")}
         self.fps, self.orig_fps, self.source = [], [], []
         self.skipped: List[dict] = []
