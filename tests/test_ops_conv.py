@@ -285,3 +285,32 @@ def test_conv2d_float32_close_to_torch():
                                     torch.tensor(w.transpose(3, 2, 0, 1)), torch.tensor(b),
                                     padding=1)
     np.testing.assert_allclose(y, ty.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fwd,bwd,case,mk", [
+    (conv2d_fwd, conv2d_bwd, (5, 7, 6, 3, 4, (3, 3), 1, 1), _conv2d_case),
+    (conv2d_fwd, conv2d_bwd, (3, 9, 9, 3, 2, (5, 3), (2, 1), (2, 1)), _conv2d_case),
+    (conv3d_causal_fwd, conv3d_causal_bwd, (3, 4, 5, 5, 2, 3, (3, 3, 3), 1, 1), _conv3d_case),
+])
+def test_chunked_gemm_loops_match_one_chunk(xp, monkeypatch, fwd, bwd, case, mk):
+    """Forcing one image per chunk (as for big layers) changes nothing in the results."""
+    from ssmpi.ops import conv
+
+    rng = np.random.default_rng(12)
+    x, w, b, s, p = mk(rng, xp, case)
+    y0, r0 = fwd(x, w, b, stride=s, pad=p)
+    assert r0.plan.chunk == x.shape[0]
+    dy = _rand(rng, xp, y0.shape)
+    g0 = bwd(r0, dy)
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv, "_CHUNK_MIN_ROWS", 1)
+    for ws in (None, {}):
+        y1, r1 = fwd(x, w, b, stride=s, pad=p, ws=ws)
+        assert r1.plan.chunk == 1
+        g1 = bwd(r1, dy)
+        np.testing.assert_allclose(backend.asnumpy(y1), backend.asnumpy(y0), rtol=1e-13,
+                                   atol=1e-13)
+        for a, c in zip(g0, g1):
+            np.testing.assert_allclose(backend.asnumpy(a), backend.asnumpy(c), rtol=1e-13,
+                                       atol=1e-13)
+    check_vjp(_conv_vjp(fwd, bwd, s, p), [x, w, b], rng=rng)

@@ -34,7 +34,8 @@ keeps in it, keyed by the full geometry (shapes, strides, pads, dtype):
 
 - ``"cols"``: the (M, K) im2col buffer. Its padding border is zeroed once at allocation and
   never written again, so later forwards only copy the valid windows;
-- ``"dcols"``: the (M, K) buffer for ``dy @ w.T`` (GEMM written with ``out=``);
+- ``"dcols"``: the buffer for ``dy @ w.T`` of one chunk of images (GEMM written with
+  ``out=``);
 - ``"plan"``: the per-tap slice table.
 
 Outputs handed to the caller (``y``, ``dx``, ``dw``, ``db``) are always fresh arrays, so they
@@ -72,6 +73,11 @@ class _Plan(NamedTuple):
     taps: tuple
     has_border: bool  # some tap window reaches into the padding (cols needs zeros)
     full_tap: int | None  # index into taps of a tap whose input slice is all of x, or None
+    # im2col copies: ("win", r, out_lead, out_w, in_lead, w_start, sw): the kw taps of kernel row r
+    # at once (kw*Cin contiguous values of x per output pixel, interior columns only);
+    # ("tap", s, out_sl, in_sl): one tap (the border columns)
+    pieces: tuple
+    chunk: int  # images per chunk of the GEMM loops
 
 
 class ConvRes(NamedTuple):
@@ -167,8 +173,62 @@ def _make_plan(op, x_shape, w_shape, strides, pads_lo, pads_hi) -> _Plan:
             rec(d + 1, chosen + [c])
 
     rec(0, [])
+    pieces = _pieces(taps, per_axis[-1], ks[-1], strides[-1], pads_lo[-1], out_sizes[-1])
+    rows = 1
+    for no in out_sizes:
+        rows *= no
+    kdim = cin
+    for k in ks:
+        kdim *= k
     return _Plan(key, tuple(x_shape), (n_, *out_sizes, cout), tuple(ks), tuple(taps),
-                 has_border, full_tap)
+                 has_border, full_tap, pieces, _chunk_images(n_, rows, kdim))
+
+
+# Chunking: the GEMMs run over a few images at a time so that each chunk of columns is still
+# in cache when the GEMM (forward) or col2im (backward) touches it; but not so few rows that
+# the GEMM re-packs the weights too often.
+_CHUNK_BYTES = 8 << 20
+_CHUNK_MIN_ROWS = 1024
+
+
+def _chunk_images(n: int, rows_per_image: int, kdim: int) -> int:
+    per_image = rows_per_image * kdim * 4
+    nb = max(1, _CHUNK_BYTES // max(per_image, 1), -(-_CHUNK_MIN_ROWS // max(rows_per_image, 1)))
+    nb = min(n, nb)
+    n_chunks = -(-n // nb)
+    return -(-n // n_chunks)  # balanced chunks
+
+
+def _pieces(taps, last_axis, kw, sw, pw, wo):
+    """The im2col copy list (see _Plan.pieces) from the per-tap slices."""
+    rows = {}
+    for s, out_sl, in_sl in taps:
+        rows.setdefault(s // kw, []).append((s, out_sl, in_sl))
+    pieces = []
+    for r, row_taps in rows.items():
+        # interior output columns: every one of the kw taps of this kernel row is valid
+        a, b = 0, wo
+        for j in range(kw):
+            t = last_axis[j]
+            if t is None:
+                a, b = 0, -1
+                break
+            a, b = max(a, t[0].start), min(b, t[0].stop)
+        have_win = len(row_taps) == kw and b - a >= 1 and kw > 1
+        if have_win:
+            _, out_sl, in_sl = row_taps[0]
+            pieces.append(("win", r, out_sl[:-1], slice(a, b), in_sl[:-1], a * sw - pw, sw))
+        for s, out_sl, in_sl in row_taps:
+            j = s % kw
+            o = out_sl[-1]
+            ranges = [(o.start, min(a, o.stop)), (max(b, o.start), o.stop)] if have_win \
+                else [(o.start, o.stop)]
+            for u, v in ranges:
+                if v <= u:
+                    continue
+                sl_in = slice(u * sw + j - pw, (v - 1) * sw + j - pw + 1, sw)
+                pieces.append(("tap", s, out_sl[:-1] + (slice(u, v),), in_sl[:-1] + (sl_in,)))
+    return tuple(pieces)
 
 
 def _cached(ws, name, key, make):
@@ -214,15 +274,37 @@ def _conv_fwd(op, x, w, b, strides, pads_lo, pads_hi, ws):
         return (xp.zeros if plan.has_border else xp.empty)(cols_shape, dtype=x.dtype)
 
     cols = _cached(ws, "cols", key, alloc_cols)
-    lead = (slice(None),)
-    for s, out_sl, in_sl in plan.taps:
-        cols[lead + out_sl + (s,)] = x[lead + in_sl]
     cols2 = cols.reshape(m, kdim)
+    kw = plan.ks[-1]
+    cols_rows = cols.reshape(*cols_shape[:-2], n_taps // kw, kw * cin)  # (N, *out, R, kw*Cin)
+    x = xp.ascontiguousarray(x)  # the "win" views need (W, Cin) contiguous
     y = xp.empty(y_shape, dtype=x.dtype)
-    xp.matmul(cols2, w.reshape(kdim, cout), out=y.reshape(m, cout))
-    if b is not None:
-        y += b
+    y2 = y.reshape(m, cout)
+    w2 = w.reshape(kdim, cout)
+    rows_per_image = m // x.shape[0]
+    for n0 in range(0, x.shape[0], plan.chunk):
+        c = (slice(n0, min(n0 + plan.chunk, x.shape[0])),)
+        _im2col(xp, x, cols, cols_rows, plan.pieces, c, kw, cin)
+        r = slice(c[0].start * rows_per_image, c[0].stop * rows_per_image)
+        xp.matmul(cols2[r], w2, out=y2[r])
+        if b is not None:
+            y2[r] += b
     return y, ConvRes(cols2, w, plan, b is not None, ws, op)
+
+
+def _im2col(xp, x, cols, cols_rows, pieces, c, kw, cin):
+    """Copy the windows of the images c of x into cols (N, *out, S, Cin); see _Plan.pieces."""
+    for p in pieces:
+        if p[0] == "win":
+            _, r, out_lead, out_w, in_lead, w_start, sw = p
+            base = x[c + in_lead + (slice(w_start, None),)]  # (n, *lead out, W - w_start, Cin)
+            view = xp.lib.stride_tricks.as_strided(  # (n, *lead out, n_w, kw*Cin), read only
+                base, shape=base.shape[:-2] + (out_w.stop - out_w.start, kw * cin),
+                strides=base.strides[:-2] + (sw * base.strides[-2], base.strides[-1]))
+            cols_rows[c + out_lead + (out_w, r)] = view
+        else:
+            _, s, out_sl, in_sl = p
+            cols[c + out_sl + (s,)] = x[c + in_sl]
 
 
 def _conv_bwd(res: ConvRes, dy, need_dx):
@@ -240,22 +322,36 @@ def _conv_bwd(res: ConvRes, dy, need_dx):
     db = dy2.sum(axis=0) if res.has_bias else None
     if not need_dx:
         return None, dw, db
+    # dx, a chunk of images at a time: dcols (rows, K) = dy @ w.T, then col2im from the
+    # chunk while it is still in cache
+    n = plan.x_shape[0]
+    nb = plan.chunk
+    rows_per_image = m // n
+    cin = plan.x_shape[-1]
     key = plan.key + (str(dtype), xp.__name__)
-    dcols = _cached(res.ws, "dcols", key, lambda: xp.empty((m, kdim), dtype=dtype))
-    xp.matmul(dy2, w.reshape(kdim, cout).T, out=dcols)
-    dcols = dcols.reshape(*plan.y_shape[:-1], kdim // plan.x_shape[-1], plan.x_shape[-1])
-    lead = (slice(None),)
+    dcols = _cached(res.ws, "dcols", key,
+                    lambda: xp.empty((nb * rows_per_image, kdim), dtype=dtype))
+    w2t = w.reshape(kdim, cout).T
+    dx = xp.empty(plan.x_shape, dtype=dtype)
     taps = plan.taps
-    if plan.full_tap is not None:
-        s, out_sl, _ = taps[plan.full_tap]
-        dx = xp.empty(plan.x_shape, dtype=dtype)
-        dx[...] = dcols[lead + out_sl + (s,)]
-        taps = taps[:plan.full_tap] + taps[plan.full_tap + 1:]
+    first = plan.full_tap
+    if first is not None:  # this tap covers all of dx: assign it, add the others
+        taps = taps[:first] + taps[first + 1:]
     else:
-        dx = xp.zeros(plan.x_shape, dtype=dtype)
-    for s, out_sl, in_sl in taps:
-        dst = dx[lead + in_sl]
-        xp.add(dst, dcols[lead + out_sl + (s,)], out=dst)
+        dx[...] = 0
+    lead = (slice(None),)
+    for n0 in range(0, n, nb):
+        n1 = min(n0 + nb, n)
+        d2 = dcols[:(n1 - n0) * rows_per_image]
+        xp.matmul(dy2[n0 * rows_per_image:n1 * rows_per_image], w2t, out=d2)
+        d = d2.reshape(n1 - n0, *plan.y_shape[1:-1], kdim // cin, cin)  # (n, *out, S, Cin)
+        dxc = dx[n0:n1]
+        if first is not None:
+            s, out_sl, _ = plan.taps[first]
+            dxc[...] = d[lead + out_sl + (s,)]
+        for s, out_sl, in_sl in taps:
+            dst = dxc[lead + in_sl]
+            xp.add(dst, d[lead + out_sl + (s,)], out=dst)
     return dx, dw, db
 
 
