@@ -152,10 +152,11 @@ class Exchange:
             if ch.src_rank == self.rank or ch.kind not in kinds:
                 continue  # local channel: the sender copies into ch.nxt
             buf = ch.host_nxt if self.staged else ch.nxt
-            self._reqs.append(self.comm.Irecv(buf, source=ch.src_rank, tag=ch.edge.tag(ch.kind)))
-            self._reqs.append(self.comm.Irecv(ch.hnxt, source=ch.src_rank,
-                                              tag=ch.edge.tag(ch.kind + "_hdr")))
-            self._pending.append(ch)
+            pair = [self.comm.Irecv(buf, source=ch.src_rank, tag=ch.edge.tag(ch.kind)),
+                    self.comm.Irecv(ch.hnxt, source=ch.src_rank,
+                                    tag=ch.edge.tag(ch.kind + "_hdr"))]
+            self._reqs.extend(pair)
+            self._pending.append((ch, pair))
 
     def get(self, edge: Edge, kind: str):
         """(data, header) that arrived on this channel at the end of the previous step."""
@@ -209,12 +210,13 @@ class Exchange:
         self._reqs.clear()
         self._keep.clear()
         if self.staged:
-            for ch in self._pending:
+            for ch, _ in self._pending:
                 ch.nxt.set(ch.host_nxt)
         self._pending.clear()
 
     def _hang_message(self, step, waited):
-        waiting = [f"{ch.name()} from rank {ch.src_rank}" for ch in self._pending]
+        waiting = [f"{ch.name()} from rank {ch.src_rank}" for ch, pair in self._pending
+                   if not MPI.Request.Testall(pair)]
         return (f"rank {self.rank}: no message for {waited:.0f}s at step {step}; waiting on: "
                 + ("; ".join(waiting) if waiting else "sends to neighbours to complete"))
 
