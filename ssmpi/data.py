@@ -40,6 +40,7 @@ import json
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Sequence
 
@@ -417,6 +418,8 @@ class ClipLoader:
         self._files = {}
         self._thread = None
         self._stop = None
+        self._queue = None
+        self._next = None
 
         reads = self.need_frames or self.need_labels
         use_index = reads or short_policy == "skip"
@@ -666,61 +669,89 @@ class ClipLoader:
     def _stop_thread(self):
         if self._thread is not None:
             self._stop.set()
-            self._thread.join()
+            if self._thread is not threading.current_thread():
+                self._thread.join()
             self._thread = None
+            self._queue = None
+        self._next = None
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Iterate over the batches of ``epoch`` (deterministic given seed and epoch)."""
-        self._stop_thread()
-        order, pad = self._order(epoch)
+        """Iterate over the batches of ``epoch`` (deterministic given seed and epoch).
+
+        A background thread prepares up to ``prefetch`` batches ahead. When an epoch is
+        consumed to its end, the thread goes on with the first batches of the next epoch, so
+        that ``epoch(e + 1)`` starts without waiting; any other call restarts it.
+        """
         if not (self.need_frames or self.need_labels):
-            return self._plain(epoch, order, pad)
+            return self._plain(epoch)
+        if self._thread is None or self._next != epoch:
+            self._stop_thread()
+            self._start(epoch)
+        self._next = None
+        return self._consume(epoch, self._queue)
+
+    def _start(self, first_epoch):
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
+        ref = weakref.ref(self)  # the thread must not keep an abandoned loader alive
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    if ref() is None:
+                        return False
+            return False
 
         def work():
+            e = first_epoch
             try:
-                for b in range(self._n_batches):
-                    item = self.make_batch(epoch, b, order, pad)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
-                        return
-            except BaseException as e:  # handed to the consumer
                 while not stop.is_set():
-                    try:
-                        q.put(e, timeout=0.1)
+                    ld = ref()
+                    if ld is None:
                         return
-                    except queue.Full:
-                        pass
+                    n, (order, pad) = ld._n_batches, ld._order(e)
+                    del ld
+                    for b in range(n):
+                        ld = ref()
+                        if ld is None or stop.is_set():
+                            return
+                        item = ld.make_batch(e, b, order, pad)
+                        del ld
+                        if not put((e, item)):
+                            return
+                    e += 1
+            except BaseException as exc:  # handed to the consumer
+                put((e, exc))
 
         th = threading.Thread(target=work, name="ssmpi-prefetch", daemon=True)
-        self._thread, self._stop = th, stop
+        self._thread, self._stop, self._queue = th, stop, q
         th.start()
-        return self._consume(q, th, stop)
 
-    def _plain(self, epoch, order, pad):
+    def _plain(self, epoch):
+        order, pad = self._order(epoch)
         for b in range(self._n_batches):
             yield self.make_batch(epoch, b, order, pad)
 
-    def _consume(self, q, th, stop):
+    def _consume(self, epoch, q):
+        done = False
         try:
-            for _ in range(self._n_batches):
+            for b in range(self._n_batches):
                 t0 = time.perf_counter()
-                item = q.get()
+                e, item = q.get()
                 self.wait_time += time.perf_counter() - t0
                 if isinstance(item, BaseException):
                     raise item
+                assert e == epoch and item.index == b, (e, item.index, epoch, b)
                 yield item
+            done = True
         finally:
-            stop.set()
-            if self._thread is th:
-                th.join()
-                self._thread = None
+            if done and self._queue is q:
+                self._next = epoch + 1  # the thread is already on the next epoch
+            elif self._queue is q:
+                self._stop_thread()
 
 
 def _resize_bilinear(x, size):

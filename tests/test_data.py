@@ -264,6 +264,21 @@ def test_prefetch_wait_time_and_early_stop(root):
     ld.close()
 
 
+def test_prefetch_runs_into_next_epoch_and_restarts_cleanly(root):
+    ds = open_dataset(root, "train")
+    kw = dict(batch_size=4, clip_len=3, crop=8, seed=2, prefetch=2)
+    a, fresh = ClipLoader(ds, **kw), ClipLoader(ds, **kw)
+    list(a.epoch(0))
+    assert a._thread is not None and a._next == 1  # already preparing epoch 1
+    for e in (1, 4, 2):  # continue, then jump (restart), then jump back
+        for x, y in zip(a.epoch(e), fresh.epoch(e)):
+            np.testing.assert_array_equal(x.frames, y.frames)
+            np.testing.assert_array_equal(x.video, y.video)
+    a.close()
+    fresh.close()
+    assert a._thread is None
+
+
 def test_montage_stream(root):
     ds = open_dataset(root, "train")
     ld = ClipLoader(ds, batch_size=3, clip_len=6, seed=5)
