@@ -498,6 +498,11 @@ class ClipLoader:
         self._n_batches = (
             n_max // self.batch_size if self.drop_last else -(-n_max // self.batch_size)
         )
+        if self._n_batches == 0:
+            raise DataError(
+                f"{ds.root}: split {ds.split!r} has at most {n_max} clips per replica, fewer "
+                f"than batch_size={batch_size}: no batch (use drop_last=False)"
+            )
         if self.need_frames:
             self._validate_frames()
 

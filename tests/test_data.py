@@ -301,6 +301,16 @@ def test_montage_stream(root):
         assert t.frames is None
 
 
+def test_fewer_videos_than_a_batch(root):
+    ds = open_dataset(root, "test")
+    with pytest.raises(DataError, match="fewer than batch_size=8"):
+        ClipLoader(ds, batch_size=8, clip_len=2)
+    ld = ClipLoader(ds, batch_size=8, clip_len=2, drop_last=False, train=False)
+    (b,) = list(ld.epoch(0))
+    assert sorted(b.video[b.video >= 0]) == list(range(7)) and b.video[7] == -1
+    ld.close()
+
+
 def test_crop_none_needs_uniform_size_and_crop_must_fit(root):
     ds = open_dataset(root, "train")
     with pytest.raises(DataError) as e:
