@@ -142,6 +142,7 @@ class Engine:
         self.skipped = 0
         self._stats = ClipStats()
         self._probs_sum = None
+        self._training = True
 
     @property
     def batch(self) -> int:
@@ -157,6 +158,7 @@ class Engine:
             self._labels_by_frame[t] = labels
             for f in [f for f in self._labels_by_frame if f < t - 4 * self.L - 8]:
                 del self._labels_by_frame[f]
+        self._training = train
         kinds = ("act", "grad") if train else ("act",)
         if send:
             ex.post_recvs(kinds)
@@ -211,20 +213,20 @@ class Engine:
             taus.append((e,) + tuple(ops.tau_fwd(h, e.act_shape[:2], out_c)))
         # 3. cotangent
         c, c_valid, loss_step = None, False, 0
-        if train:
-            if l == self.L:
-                c, c_valid = self._loss(h, t, frame)
-                loss_step = t if c_valid else 0
-            else:
-                g, gh = ex.get(outb[0], "grad")
-                c_valid, loss_step = bool(gh[0]), int(gh[2])
-                if c_valid:
-                    c = g
-                    for e, _, tres in taus:
-                        if e.grad:
-                            gs, gsh = ex.get(e, "grad")
-                            if gsh[0]:
-                                c = c + ops.tau_bwd(tres, gs)
+        if l == self.L:  # the loss is also computed in evaluation (metrics), not its VJP
+            c, c_valid = self._loss(h, t, frame)
+            loss_step = t if c_valid else 0
+            c_valid = c_valid and train
+        elif train:
+            g, gh = ex.get(outb[0], "grad")
+            c_valid, loss_step = bool(gh[0]), int(gh[2])
+            if c_valid:
+                c = g
+                for e, _, tres in taus:
+                    if e.grad:
+                        gs, gsh = ex.get(e, "grad")
+                        if gsh[0]:
+                            c = c + ops.tau_bwd(tres, gs)
         # 4. VJP at the current input
         pieces = [None] * len(inb)
         step_grad = None
@@ -273,6 +275,8 @@ class Engine:
         if self.loss_kind == "xent":
             p = res.probs
             self._probs_sum = p.copy() if self._probs_sum is None else self._probs_sum + p
+        if not self._training:
+            return None, True
         dl = ops.softmax_xent_bwd(res, 1.0) if self.loss_kind == "xent" else ops.mse_bwd(res, 1.0)
         return xp.asarray(dl, dtype=self.dtype), True
 
