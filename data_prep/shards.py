@@ -278,7 +278,10 @@ def run_jobs(fn, jobs: list, *, workers: int, total: int, desc: str, quiet: bool
         import queue as _queue
         from concurrent.futures import ProcessPoolExecutor
 
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        # not "fork": the parent may run threads (a loader's prefetch thread, tqdm's monitor)
+        # that hold locks (h5py's) at the moment of the fork
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         q = ctx.Queue()
         with ProcessPoolExecutor(
             max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
