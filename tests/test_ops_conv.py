@@ -9,6 +9,32 @@ from ssmpi.ops import conv2d_bwd, conv2d_fwd, conv3d_causal_bwd, conv3d_causal_f
 from ssmpi.ops.gradcheck import check_vjp
 from ssmpi.ops.reference import conv2d_ref, conv3d_causal_ref
 
+
+@pytest.fixture(params=["im2col", "winograd"])
+def conv_algo(request, monkeypatch):
+    """Run a 2-D test through im2col, then through Winograd F(2x2, 3x3) wherever it applies
+    (3x3, stride 1, pad <= 2), whatever the channel count and output size."""
+    from ssmpi.ops import conv
+
+    if request.param == "im2col":
+        monkeypatch.setattr(conv, "WINOGRAD", False)
+    else:
+        monkeypatch.setattr(conv, "WINOGRAD", True)
+        monkeypatch.setattr(conv, "WINOGRAD_MIN_CIN", 1)
+        monkeypatch.setattr(conv, "WINOGRAD_MAX_WASTE", float("inf"))
+    return request.param
+
+
+def _expect_algo(res, algo, case_stride, ks, pad):
+    """The residual tells which path ran: Winograd exactly where it applies."""
+    from ssmpi.ops.winograd import WinoRes
+
+    pads = pad if isinstance(pad, tuple) else (pad, pad)
+    applies = (algo == "winograd" and tuple(ks) == (3, 3) and case_stride in (1, (1, 1))
+               and pads[0] == pads[1] <= 2)
+    assert isinstance(res, WinoRes) == applies
+
+
 # (N, H, W, Cin, Cout, (kh, kw), stride, pad)
 CONV2D_CASES = [
     (2, 7, 6, 3, 4, (3, 3), 1, 1),
@@ -55,10 +81,11 @@ def _conv3d_case(rng, xp, case, dtype=np.float64, bias=True):
 
 
 @pytest.mark.parametrize("case", CONV2D_CASES)
-def test_conv2d_forward_matches_reference(xp, case):
+def test_conv2d_forward_matches_reference(xp, case, conv_algo):
     rng = np.random.default_rng(0)
     x, w, b, s, p = _conv2d_case(rng, xp, case)
-    y, _ = conv2d_fwd(x, w, b, stride=s, pad=p)
+    y, res = conv2d_fwd(x, w, b, stride=s, pad=p)
+    _expect_algo(res, conv_algo, s, case[5], p)
     ref = conv2d_ref(backend.asnumpy(x), backend.asnumpy(w), backend.asnumpy(b), s, p)
     assert y.shape == ref.shape
     np.testing.assert_allclose(backend.asnumpy(y), ref, rtol=1e-12, atol=1e-12)
@@ -94,7 +121,7 @@ def _conv_vjp(fwd, bwd, s, p, need_dx=True):
 
 
 @pytest.mark.parametrize("case", CONV2D_CASES)
-def test_conv2d_vjp_finite_differences(xp, case):
+def test_conv2d_vjp_finite_differences(xp, case, conv_algo):
     rng = np.random.default_rng(3)
     x, w, b, s, p = _conv2d_case(rng, xp, case)
     res = check_vjp(_conv_vjp(conv2d_fwd, conv2d_bwd, s, p), [x, w, b], rng=rng)
@@ -111,9 +138,10 @@ def test_conv3d_causal_vjp_finite_differences(xp, case):
 
 @pytest.mark.parametrize("fwd,bwd,case,mk", [
     (conv2d_fwd, conv2d_bwd, CONV2D_CASES[1], _conv2d_case),
+    (conv2d_fwd, conv2d_bwd, CONV2D_CASES[0], _conv2d_case),
     (conv3d_causal_fwd, conv3d_causal_bwd, CONV3D_CASES[1], _conv3d_case),
 ])
-def test_need_dx_false_and_no_bias(xp, fwd, bwd, case, mk):
+def test_need_dx_false_and_no_bias(xp, fwd, bwd, case, mk, conv_algo):
     rng = np.random.default_rng(5)
     x, w, _, s, p = mk(rng, xp, case, bias=False)
     y, res = fwd(x, w, None, stride=s, pad=p)
@@ -135,7 +163,7 @@ def test_need_dx_false_and_no_bias(xp, fwd, bwd, case, mk):
     (conv2d_fwd, conv2d_bwd, CONV2D_CASES[10], _conv2d_case),
     (conv3d_causal_fwd, conv3d_causal_bwd, CONV3D_CASES[0], _conv3d_case),
 ])
-def test_workspace_reuse_matches_fresh(xp, fwd, bwd, case, mk):
+def test_workspace_reuse_matches_fresh(xp, fwd, bwd, case, mk, conv_algo):
     """Several forward/backward rounds through one ws give exactly the ws=None results."""
     rng = np.random.default_rng(6)
     ws = {}
@@ -153,15 +181,17 @@ def test_workspace_reuse_matches_fresh(xp, fwd, bwd, case, mk):
         for a, c in zip(g0, g1):
             np.testing.assert_array_equal(backend.asnumpy(a), backend.asnumpy(c))
         np.testing.assert_array_equal(backend.asnumpy(x), backend.asnumpy(x_before))
-    assert "cols" in ws and "dcols" in ws
-    cols = ws["cols"][1]
+    name = "wino_v" if "wino_v" in ws else "cols"
+    assert name in ws and ("dcols" in ws or "wino_dx_v" in ws)
+    cols = ws[name][1]
     fwd(x, w, b, stride=s, pad=p, ws=ws)
-    assert ws["cols"][1] is cols  # the buffer is reused, not reallocated
+    assert ws[name][1] is cols  # the buffer is reused, not reallocated
 
 
-def test_float32_stays_float32(xp):
+def test_float32_stays_float32(xp, conv_algo):
     rng = np.random.default_rng(7)
     for fwd, bwd, case, mk in [(conv2d_fwd, conv2d_bwd, CONV2D_CASES[1], _conv2d_case),
+                               (conv2d_fwd, conv2d_bwd, CONV2D_CASES[0], _conv2d_case),
                                (conv3d_causal_fwd, conv3d_causal_bwd, CONV3D_CASES[0],
                                 _conv3d_case)]:
         x, w, b, s, p = mk(rng, xp, case, dtype=np.float32)
@@ -171,7 +201,7 @@ def test_float32_stays_float32(xp):
         assert all(g.dtype == np.float32 for g in grads)
 
 
-def test_inputs_not_mutated(xp):
+def test_inputs_not_mutated(xp, conv_algo):
     rng = np.random.default_rng(8)
     x, w, b, s, p = _conv2d_case(rng, xp, CONV2D_CASES[0])
     copies = [a.copy() for a in (x, w, b)]
@@ -227,8 +257,8 @@ def _torch():
     return pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("case", [CONV2D_CASES[i] for i in (0, 1, 3, 7, 9)])
-def test_conv2d_matches_torch(case):
+@pytest.mark.parametrize("case", [CONV2D_CASES[i] for i in (0, 1, 2, 3, 7, 9, 10)])
+def test_conv2d_matches_torch(case, conv_algo):
     torch = _torch()
     F = torch.nn.functional
     rng = np.random.default_rng(9)
@@ -276,15 +306,25 @@ def test_conv3d_causal_matches_torch(case):
     np.testing.assert_allclose(db, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
 
 
-def test_conv2d_float32_close_to_torch():
+@pytest.mark.parametrize("cin,hw", [(8, 16), (64, 14), (64, 7)])
+def test_conv2d_float32_close_to_torch(conv_algo, cin, hw):
+    """float32 forward and gradients at realistic channel counts, relative to their scale."""
     torch = _torch()
     rng = np.random.default_rng(11)
-    x, w, b, s, p = _conv2d_case(rng, np, (2, 16, 16, 8, 16, (3, 3), 1, 1), dtype=np.float32)
-    y, _ = conv2d_fwd(x, w, b, stride=s, pad=p, ws={})
-    ty = torch.nn.functional.conv2d(torch.tensor(x.transpose(0, 3, 1, 2)),
-                                    torch.tensor(w.transpose(3, 2, 0, 1)), torch.tensor(b),
-                                    padding=1)
-    np.testing.assert_allclose(y, ty.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    x, w, b, s, p = _conv2d_case(rng, np, (2, hw, hw, cin, 16, (3, 3), 1, 1), dtype=np.float32)
+    y, res = conv2d_fwd(x, w, b, stride=s, pad=p, ws={})
+    assert y.dtype == np.float32
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw, db = conv2d_bwd(res, dy)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, torch.tensor(b), padding=1)
+    ty.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
+    for ours, theirs in [(y, ty.detach().numpy().transpose(0, 2, 3, 1)),
+                         (dx, tx.grad.numpy().transpose(0, 2, 3, 1)),
+                         (dw, tw.grad.numpy().transpose(2, 3, 1, 0))]:
+        err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+        assert err < 2e-6, err
 
 
 @pytest.mark.parametrize("fwd,bwd,case,mk", [

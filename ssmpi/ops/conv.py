@@ -51,6 +51,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ssmpi import backend
+from ssmpi.ops import winograd
 
 __all__ = [
     "ConvRes",
@@ -184,6 +185,14 @@ def _make_plan(op, x_shape, w_shape, strides, pads_lo, pads_hi) -> _Plan:
                  has_border, full_tap, pieces, _chunk_images(n_, rows, kdim))
 
 
+# The Winograd F(2x2, 3x3) path (winograd.py) replaces im2col for 3x3 stride-1 2-D convs with
+# at least this many input channels (below, im2col's single GEMM is as fast and simpler).
+# An odd output size wastes part of the last tile row/column: 7x7 computes 8x8 (1.31x), which
+# is slower than im2col; 14x14 and up are even in VGG.
+WINOGRAD = True
+WINOGRAD_MIN_CIN = 16
+WINOGRAD_MAX_WASTE = 1.2
+
 # Chunking: the GEMMs run over a few images at a time so that each chunk of columns is still
 # in cache when the GEMM (forward) or col2im (backward) touches it; but not so few rows that
 # the GEMM re-packs the weights too often.
@@ -259,6 +268,8 @@ def _conv_fwd(op, x, w, b, strides, pads_lo, pads_hi, ws):
     plan = _cached(ws, "plan", key,
                    lambda: _make_plan(op, tuple(x.shape), tuple(w.shape), strides, pads_lo,
                                       pads_hi))
+    if _winograd_applies(plan, strides, pads_lo, pads_hi):
+        return winograd.wino_fwd(op, x, w, b, pads_lo[0], plan.y_shape, ws)
     y_shape = plan.y_shape
     cin, cout = x.shape[-1], w.shape[-1]
     n_taps = 1
@@ -307,13 +318,26 @@ def _im2col(xp, x, cols, cols_rows, pieces, c, kw, cin):
             cols[c + out_sl + (s,)] = x[c + in_sl]
 
 
-def _conv_bwd(res: ConvRes, dy, need_dx):
+def _winograd_applies(plan: _Plan, strides, pads_lo, pads_hi) -> bool:
+    """Winograd F(2x2, 3x3) for 2-D 3x3 kernels, stride 1, equal pads <= 2, Cin >= the minimum."""
+    if not (WINOGRAD and plan.ks == (3, 3) and strides == (1, 1) and pads_lo == pads_hi
+            and pads_lo[0] == pads_lo[1] <= 2 and plan.x_shape[-1] >= WINOGRAD_MIN_CIN):
+        return False
+    ho, wo = plan.y_shape[1:3]
+    waste = (ho + ho % 2) * (wo + wo % 2) / (ho * wo)  # odd sizes compute a padded tile row
+    return waste <= WINOGRAD_MAX_WASTE
+
+
+def _conv_bwd(res, dy, need_dx):
     op = res.op.replace("_fwd", "_bwd")
+    y_shape = res.y_shape if isinstance(res, winograd.WinoRes) else res.plan.y_shape
+    _check_float(op, "dy", dy)
+    if tuple(dy.shape) != y_shape:
+        raise ValueError(f"{op}: dy {tuple(dy.shape)} does not match y {y_shape}")
+    if isinstance(res, winograd.WinoRes):
+        return winograd.wino_bwd(res, dy, need_dx)
     plan, cols2, w = res.plan, res.cols, res.w
     xp = backend.get_array_module(dy)
-    _check_float(op, "dy", dy)
-    if tuple(dy.shape) != plan.y_shape:
-        raise ValueError(f"{op}: dy {tuple(dy.shape)} does not match y {plan.y_shape}")
     dtype = cols2.dtype
     m, kdim = cols2.shape
     cout = plan.y_shape[-1]

@@ -1,0 +1,204 @@
+"""Winograd F(2x2, 3x3): the fast path of conv2d for 3x3 kernels with stride 1 (NHWC).
+
+Shape legend
+------------
+N          batch
+H, W       input height and width;  Ho, Wo  output height and width (Ho = H + 2p - 2)
+Cin, Cout  input and output channels
+p          symmetric zero padding (0, 1 or 2)
+th, tw     output tiles along height and width: ceil(Ho / 2), ceil(Wo / 2)
+T          number of tiles, N*th*tw
+e          one of the 16 Winograd "frequencies" (a, b) of a 4x4 tile, e = 4a + b
+
+The method (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"): every 2x2
+output tile is A^T [ (G g G^T) (.) (B^T d B) ] A summed over Cin, where d is the 4x4 input tile
+and g the 3x3 kernel. Summing over Cin of the element-wise product is, for every e, a GEMM:
+
+    V (16, T, Cin) = B^T d B          input transform (element-wise, from strided views of x)
+    U (16, Cin, Cout) = G g G^T       weight transform
+    M (16, T, Cout) = V @ U           16 GEMMs with 4/9 of the flops of im2col's one GEMM
+    y = A^T M A                       output transform (element-wise)
+
+Backward: dw = G^T [ V^T @ (A dy A^T) ] G (16 GEMMs again, V kept from the forward), and dx is
+the forward of dy with the kernel rotated by 180 degrees and Cin/Cout swapped, padding 2-p.
+The results equal im2col's up to float rounding (Winograd F(2x2, 3x3) loses about one more bit).
+
+Workspace: with a ``ws`` dict, the padded input, V, M and their dx twins are cached in it, as
+the im2col buffers are (see conv.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = ["WinoRes", "wino_fwd", "wino_bwd"]
+
+# G (4x3): the kernel transform
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+class WinoRes(NamedTuple):
+    """What conv2d_bwd needs after a Winograd forward."""
+
+    v: Any  # (16, T, Cin) transformed input tiles (may live in ws)
+    w: Any  # (3, 3, Cin, Cout)
+    x_shape: tuple
+    y_shape: tuple
+    pad: int
+    has_bias: bool
+    ws: dict | None
+    op: str
+
+
+def _buf(ws, name, key, xp, shape, dtype, zero=False):
+    """A cached buffer (ws given) or a fresh one; a cached zeroed one keeps its zero border."""
+    if ws is not None:
+        hit = ws.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    a = (xp.zeros if zero else xp.empty)(shape, dtype=dtype)
+    if ws is not None:
+        ws[name] = (key, a)
+    return a
+
+
+def _weights(xp, w):
+    """U (16, Cin, Cout) = G g G^T for every (Cin, Cout)."""
+    g = xp.asarray(_G, dtype=w.dtype)
+    u = xp.tensordot(g, w, axes=(1, 0))  # (4a, 3j, Cin, Cout)
+    u = xp.tensordot(g, u, axes=(1, 1))  # (4b, 4a, Cin, Cout)
+    return xp.ascontiguousarray(u.transpose(1, 0, 2, 3)).reshape(16, w.shape[2], w.shape[3])
+
+
+def _input_transform(xp, x, p, th, tw, ws, tag):
+    """V (16, T, C) = B^T d B for the 4x4 input tiles (stride 2) of x padded by p."""
+    n, h, w, c = x.shape
+    key = (tuple(x.shape), p, th, tw, str(x.dtype), xp.__name__)
+    # the padded input: its border is zeroed once and never written
+    xpad = _buf(ws, tag + "pad", key, xp, (n, 2 * th + 2, 2 * tw + 2, c), x.dtype, zero=True)
+    xpad[:, p:p + h, p:p + w] = x
+    v = _buf(ws, tag + "v", key, xp, (4, 4, n, th, tw, c), x.dtype)
+    t = _buf(ws, tag + "t", key, xp, (4, n, th, tw, c), x.dtype)
+
+    def d(i, j):  # (N, th, tw, C): element (i, j) of every input tile
+        return xpad[:, i:i + 2 * th - 1:2, j:j + 2 * tw - 1:2]
+
+    # rows of B^T: [1 0 -1 0], [0 1 1 0], [0 -1 1 0], [0 1 0 -1]
+    for a in range(4):
+        for j in range(4):  # t[j] = (B^T d)[a, j]
+            if a == 0:
+                xp.subtract(d(0, j), d(2, j), out=t[j])
+            elif a == 1:
+                xp.add(d(1, j), d(2, j), out=t[j])
+            elif a == 2:
+                xp.subtract(d(2, j), d(1, j), out=t[j])
+            else:
+                xp.subtract(d(1, j), d(3, j), out=t[j])
+        xp.subtract(t[0], t[2], out=v[a, 0])  # (B^T d B)[a, b]
+        xp.add(t[1], t[2], out=v[a, 1])
+        xp.subtract(t[2], t[1], out=v[a, 2])
+        xp.subtract(t[1], t[3], out=v[a, 3])
+    return v.reshape(16, n * th * tw, c)
+
+
+def _output_transform(xp, m, n, th, tw, ho, wo):
+    """y (N, Ho, Wo, C) = A^T M A for every tile; M (16, T, C)."""
+    c = m.shape[-1]
+    m = m.reshape(4, 4, n, th, tw, c)
+    # rows of A^T: [1 1 1 0], [0 1 -1 -1]
+    s0 = m[0] + m[1]
+    s0 += m[2]  # (4b, N, th, tw, C)
+    s1 = m[1] - m[2]
+    s1 -= m[3]
+    y = xp.empty((n, 2 * th, 2 * tw, c), dtype=m.dtype)
+    for r, s in ((0, s0), (1, s1)):
+        o = y[:, r::2, 0::2]
+        xp.add(s[0], s[1], out=o)
+        xp.add(o, s[2], out=o)
+        o = y[:, r::2, 1::2]
+        xp.subtract(s[1], s[2], out=o)
+        xp.subtract(o, s[3], out=o)
+    if 2 * th != ho or 2 * tw != wo:
+        y = xp.ascontiguousarray(y[:, :ho, :wo])
+    return y
+
+
+def _conv(xp, x, w, p, ws, tag):
+    """(y, V): the Winograd convolution of x (N, H, W, Cin) with w (3, 3, Cin, Cout), pad p."""
+    n, h, wd, cin = x.shape
+    cout = w.shape[3]
+    ho, wo = h + 2 * p - 2, wd + 2 * p - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    v = _input_transform(xp, x, p, th, tw, ws, tag)
+    u = _weights(xp, w)
+    key = (tuple(x.shape), tuple(w.shape), p, str(x.dtype), xp.__name__)
+    m = _buf(ws, tag + "m", key, xp, (16, n * th * tw, cout), x.dtype)
+    xp.matmul(v, u, out=m)
+    return _output_transform(xp, m, n, th, tw, ho, wo), v
+
+
+def wino_fwd(op, x, w, b, pad, y_shape, ws):
+    """conv2d forward, 3x3, stride 1, padding ``pad``; arguments already validated."""
+    from ssmpi import backend  # noqa: PLC0415 - avoid an import cycle at module load
+
+    xp = backend.get_array_module(x)
+    y, v = _conv(xp, x, w, pad, ws, "wino_")
+    if b is not None:
+        y += b
+    assert tuple(y.shape) == tuple(y_shape)
+    return y, WinoRes(v, w, tuple(x.shape), tuple(y_shape), pad, b is not None, ws, op)
+
+
+def wino_bwd(res: WinoRes, dy, need_dx):
+    """(dx or None, dw, db or None) for a Winograd forward; dy (N, Ho, Wo, Cout) validated."""
+    from ssmpi import backend  # noqa: PLC0415
+
+    xp = backend.get_array_module(dy)
+    n, h, wd, cin = res.x_shape
+    _, ho, wo, cout = res.y_shape
+    th, tw = -(-ho // 2), -(-wo // 2)
+    dtype = res.v.dtype
+    dy = xp.ascontiguousarray(dy, dtype=dtype)
+    db = dy.reshape(-1, cout).sum(axis=0) if res.has_bias else None
+    # dM (16, T, Cout) = A dy A^T for every 2x2 tile of dy (zero beyond Ho, Wo)
+    if 2 * th != ho or 2 * tw != wo:
+        dyp = xp.zeros((n, 2 * th, 2 * tw, cout), dtype=dtype)
+        dyp[:, :ho, :wo] = dy
+    else:
+        dyp = dy
+    key = (res.x_shape, res.y_shape, str(dtype), xp.__name__)
+    dm = _buf(res.ws, "wino_dm", key, xp, (4, 4, n, th, tw, cout), dtype)
+    # rows of A: [1 0], [1 1], [1 -1], [0 -1]
+    r = [dyp[:, 0::2], None, None, None]  # (N, th, 2tw, Cout) for a = 0..3 (r[3] negated)
+    r[1] = dyp[:, 0::2] + dyp[:, 1::2]
+    r[2] = dyp[:, 0::2] - dyp[:, 1::2]
+    r[3] = dyp[:, 1::2]
+    for a in range(4):
+        ra = r[a]
+        sign = -1 if a == 3 else 1
+        e0, e1 = ra[:, :, 0::2], ra[:, :, 1::2]
+        if sign > 0:
+            dm[a, 0] = e0
+            xp.add(e0, e1, out=dm[a, 1])
+            xp.subtract(e0, e1, out=dm[a, 2])
+            xp.negative(e1, out=dm[a, 3])
+        else:
+            xp.negative(e0, out=dm[a, 0])
+            xp.add(e0, e1, out=dm[a, 1])
+            xp.negative(dm[a, 1], out=dm[a, 1])
+            xp.subtract(e1, e0, out=dm[a, 2])
+            dm[a, 3] = e1
+    dm = dm.reshape(16, n * th * tw, cout)
+    du = xp.matmul(res.v.transpose(0, 2, 1), dm)  # (16, Cin, Cout)
+    g = xp.asarray(_G, dtype=dtype)
+    du = du.reshape(4, 4, cin, cout)
+    dw = xp.tensordot(g, du, axes=(0, 0))  # (3i, 4b, Cin, Cout)
+    dw = xp.tensordot(g, dw, axes=(0, 1))  # (3j, 3i, Cin, Cout)
+    dw = xp.ascontiguousarray(dw.transpose(1, 0, 2, 3))
+    if not need_dx:
+        return None, dw, db
+    w_rot = xp.ascontiguousarray(res.w[::-1, ::-1].transpose(0, 1, 3, 2))  # (3, 3, Cout, Cin)
+    dx, _ = _conv(xp, dy, w_rot, 2 - res.pad, res.ws, "wino_dx_")
+    return dx, dw, db
