@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 
 _where = {"rank": None, "units": ""}
 
@@ -42,6 +43,16 @@ def abort_job(code: int = 1):
     os._exit(code)
 
 
+def warn(message: str):
+    """A warning on stderr, one line, naming this rank (and its units)."""
+    sys.stderr.write(f"{prefix()} WARNING {message}\n")
+    sys.stderr.flush()
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    warn(f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})")
+
+
 def install(comm=None):
     """Install hooks so that an uncaught exception (main thread or any thread) prints a
     one-line error with the rank and unit, then aborts the whole job."""
@@ -62,3 +73,4 @@ def install(comm=None):
 
     sys.excepthook = hook
     threading.excepthook = thook
+    warnings.showwarning = _showwarning

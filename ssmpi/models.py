@@ -27,7 +27,7 @@ from typing import List, Tuple
 
 from . import layers as L
 
-__all__ = ["ModelSpec", "make_layers", "vgg8", "vgg16", "tiny", "get_model", "MODELS"]
+__all__ = ["ModelSpec", "make_layers", "vgg8", "vgg16", "tiny", "fullres", "get_model", "MODELS"]
 
 LayerDesc = Tuple
 Module = List[LayerDesc]
@@ -124,7 +124,17 @@ def tiny(num_classes: int = 4, units: int = 4, width: int = 8, resolution: int =
                      mods, "classify", num_classes)
 
 
-MODELS = {"vgg8": vgg8, "vgg16": vgg16, "tiny": tiny}
+def fullres(units: int = 16, width: int = 64, resolution: int = 112,
+            num_classes: int = 0) -> ModelSpec:
+    """Full-Res (Table 7): ``units - 1`` conv3x3+ReLU modules at full resolution (no pooling,
+    no striding) and a head module conv3x3 to 3 channels: the predicted frame t+offset."""
+    mods: List[Module] = [[("conv", int(width), 3), ("relu",)] for _ in range(units - 1)]
+    mods.append([("conv", 3, 3)])
+    return ModelSpec(f"fullres(units={units}, width={width})", (resolution, resolution, 3), mods,
+                     "frames", 0)
+
+
+MODELS = {"vgg8": vgg8, "vgg16": vgg16, "tiny": tiny, "fullres": fullres}
 
 
 def get_model(name: str, **kwargs) -> ModelSpec:

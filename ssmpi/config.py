@@ -1,0 +1,304 @@
+"""One configuration tree: dataclasses with a comment on every default, TOML files,
+``--set a.b=c`` overrides and validation that names the key and the allowed values.
+
+    cfg = load_config("jobs/configs/hmdb51_vgg8_skip.toml", ["optim.lr=5e-4", "engine.k=3"])
+    cfg.engine.mode, cfg.optim.lr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib  # type: ignore
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run name; outputs go to <out_dir>/<name>/
+    out_dir: str = "runs"  # parent folder of run folders
+    seed: int = 0  # seeds parameters, data order, crops and dropout
+    iterations: int = 100  # training iterations: batches of clips (stream: T steps each)
+    log_every: int = 1  # iterations between metrics lines in metrics.jsonl
+    eval_every: int = 0  # iterations between evaluations (0 = only at the end)
+    eval_batches: int = 0  # batches per evaluation (0 = the whole eval split)
+    checkpoint_every: int = 0  # iterations between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # newest complete checkpoints kept on disk
+    device: str = "auto"  # auto | cpu | gpu (auto = CuPy when it sees a GPU)
+    dtype: str = "float32"  # float32 | float64
+    progress: bool = True  # tqdm progress bar on rank 0
+    trace: bool = False  # write a per-rank timeline (Chrome trace JSON) at the end
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vgg8"  # vgg8 | vgg16 | tiny | fullres (frame prediction)
+    width: float = 1.0  # channel multiplier (vgg8/vgg16); channels of the first conv (tiny)
+    units: int = 8  # tiny, fullres: number of modules (conv modules + the head)
+    num_classes: int = 0  # 0 = from the dataset
+    s2d: bool = False  # vgg8: space-to-depth stem (Table 5)
+
+
+@dataclass
+class EngineConfig:
+    mode: str = "skip"  # bp | sideways | skip | fa-skip
+    k: int = 2  # largest edge distance for skip (the paper uses 2)
+    fuse: str = "concat"  # concat | add (equation 1)
+    modules_per_unit: int = 1  # group consecutive modules into units (VGG16 on 8 ranks: 2)
+    replicas: int = 1  # data-parallel replicas of the pipeline (world size = replicas x ranks)
+    schedule: str = "reset"  # reset (one update per clip) | stream (montage, no resets)
+    update_every: int = 16  # stream mode: steps between each unit's updates
+    wait_mode: str = "poll"  # poll (yields the core; oversubscribed) | block (MPI Waitall)
+    watchdog_s: float = 300.0  # abort when no message arrives on an edge for this long (0 = off)
+    cuda_aware: bool = False  # hand device buffers to MPI directly (needs a CUDA-aware MPI)
+    nonfinite: str = "raise"  # raise | skip: what a NaN/Inf loss or gradient does
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/motion"  # folder with manifest.json and shards (python -m data_prep ...)
+    train_split: str = "train"  # split trained on
+    eval_split: str = "test"  # split evaluated on
+    batch_size: int = 8  # clips per batch, per replica
+    clip_len: int = 16  # T: frames per clip (steps per iteration in reset mode)
+    stride: int = 1  # temporal stride (frame-rate subsampling)
+    crop: int = 0  # crop size (0 = keep the stored size); random in training, centred in eval
+    flip: bool = True  # random horizontal flip in training
+    scale_jitter: List[float] = field(default_factory=list)  # [lo, hi] or [] for none
+    mean: float = 0.5  # normalisation (x/255 - mean) / std
+    std: float = 0.25
+    short_policy: str = "loop"  # a video shorter than a clip: loop | pad | skip | error
+    eval_clips_per_video: int = 1  # clips per video in evaluation (video accuracy averages them)
+    prefetch: int = 2  # batches prepared ahead by the reader thread
+    frame_offset: int = 8  # frame prediction: the target is frame t + offset
+    target: str = "newest"  # frame prediction: offset from the newest frame or the direct-path one
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | sgd
+    lr: float = 5e-4  # peak learning rate
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0  # L2 (sgd) or decoupled (adam)
+    clip: float = 0.0  # per-unit gradient-norm clipping (0 = off)
+    schedule: str = "constant"  # constant | step | cosine
+    warmup: int = 0  # linear warm-up updates
+    min_lr: float = 0.0  # cosine floor
+    milestones: List[int] = field(default_factory=list)  # step schedule: updates where lr *= gamma
+    gamma: float = 0.1  # step schedule factor
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    about: str = ""  # free text: what this config reproduces
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+CHOICES = {
+    "run.device": ("auto", "cpu", "gpu"),
+    "run.dtype": ("float32", "float64"),
+    "model.name": ("vgg8", "vgg16", "tiny", "fullres"),
+    "engine.mode": ("bp", "sideways", "skip", "fa-skip"),
+    "engine.fuse": ("concat", "add"),
+    "engine.schedule": ("reset", "stream"),
+    "engine.wait_mode": ("poll", "block"),
+    "engine.nonfinite": ("raise", "skip"),
+    "data.short_policy": ("loop", "pad", "skip", "error"),
+    "data.target": ("newest", "direct"),
+    "optim.name": ("adam", "sgd"),
+    "optim.schedule": ("constant", "step", "cosine"),
+}
+POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_unit",
+            "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
+            "data.stride", "data.eval_clips_per_video", "data.prefetch", "run.keep_checkpoints"}
+NON_NEGATIVE = {"run.eval_every", "run.eval_batches", "run.checkpoint_every", "engine.watchdog_s",
+                "data.crop", "data.frame_offset", "optim.lr", "optim.weight_decay", "optim.clip",
+                "optim.warmup", "optim.min_lr", "model.num_classes", "optim.momentum"}
+
+
+def _sections(cfg: Config):
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            yield f.name, v
+
+
+def _coerce(key: str, value: Any, default: Any):
+    """Convert ``value`` to the type of ``default`` or raise ConfigError naming ``key``."""
+    want = type(default)
+    try:
+        if want is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if want is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if want is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if want is list:
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else [
+                    v for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            conv = int if key == "optim.milestones" else float
+            return [conv(v) for v in value]
+        if want is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (ValueError, TypeError, json.JSONDecodeError):
+        pass
+    raise ConfigError(f"config key {key}: expected {want.__name__}, got {value!r}")
+
+
+def _apply(cfg: Config, data: dict, origin: str):
+    sections = dict(_sections(cfg))
+    for sec, body in data.items():
+        if sec == "about":
+            cfg.about = str(body)
+            continue
+        if sec not in sections:
+            raise ConfigError(f"{origin}: unknown config section [{sec}] (known: "
+                              f"{', '.join(sorted(sections))})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{origin}: [{sec}] must be a table")
+        obj = sections[sec]
+        names = {f.name for f in dataclasses.fields(obj)}
+        for k, v in body.items():
+            if k not in names:
+                raise ConfigError(f"{origin}: unknown config key {sec}.{k} (known in [{sec}]: "
+                                  f"{', '.join(sorted(names))})")
+            setattr(obj, k, _coerce(f"{sec}.{k}", v, getattr(obj, k)))
+
+
+def parse_override(text: str) -> dict:
+    """``"optim.lr=1e-3"`` -> ``{"optim": {"lr": "1e-3"}}``."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. optim.lr=1e-3")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.name, e.g. optim.lr")
+    return {parts[0]: {parts[1]: value.strip()}}
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices; raise ConfigError naming the key and what is allowed."""
+    for sec, obj in _sections(cfg):
+        for f in dataclasses.fields(obj):
+            key, v = f"{sec}.{f.name}", getattr(obj, f.name)
+            if key in CHOICES and v not in CHOICES[key]:
+                raise ConfigError(f"config key {key}: {v!r} is not one of "
+                                  f"{', '.join(CHOICES[key])}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key {key}: must be a finite number, got {v}")
+            if key in POSITIVE and not v >= 1:
+                raise ConfigError(f"config key {key}: must be >= 1, got {v}")
+            if key in NON_NEGATIVE and not v >= 0:
+                raise ConfigError(f"config key {key}: must be >= 0, got {v}")
+    if cfg.model.width <= 0:
+        raise ConfigError(f"config key model.width: must be > 0, got {cfg.model.width}")
+    if cfg.model.units < 2:
+        raise ConfigError(f"config key model.units: must be >= 2, got {cfg.model.units}")
+    if cfg.optim.momentum >= 1:
+        raise ConfigError(f"config key optim.momentum: must be in [0, 1), got "
+                          f"{cfg.optim.momentum}")
+    if cfg.data.std <= 0:
+        raise ConfigError(f"config key data.std: must be > 0, got {cfg.data.std}")
+    if cfg.data.scale_jitter and (len(cfg.data.scale_jitter) != 2
+                                  or not 0 < cfg.data.scale_jitter[0] <= cfg.data.scale_jitter[1]):
+        raise ConfigError("config key data.scale_jitter: expected [] or [lo, hi] with 0 < lo <= "
+                          f"hi, got {cfg.data.scale_jitter}")
+    if cfg.optim.schedule == "cosine" and cfg.run.iterations <= cfg.optim.warmup:
+        raise ConfigError("config key optim.warmup: must be < run.iterations for cosine")
+    if cfg.engine.mode in ("skip", "fa-skip") and cfg.engine.k < 2:
+        raise ConfigError(f"config key engine.k: mode {cfg.engine.mode} needs k >= 2")
+    if "/" in cfg.run.name or not cfg.run.name.strip():
+        raise ConfigError(f"config key run.name: must be a plain folder name, got "
+                          f"{cfg.run.name!r}")
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then ``--set`` overrides; validated."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: not valid TOML ({e})") from None
+        _apply(cfg, data, str(path))
+    for o in overrides:
+        _apply(cfg, parse_override(o), f"--set {o}")
+    return validate(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, d, "dict")
+    return validate(cfg)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def dump_toml(d: dict) -> str:
+    """A TOML text of a two-level config dict (what the resolved config is saved as)."""
+    lines = []
+    if d.get("about"):
+        lines.append(f"about = {_toml_value(d['about'])}")
+    for sec, body in d.items():
+        if not isinstance(body, dict):
+            continue
+        lines.append(f"\n[{sec}]")
+        for k, v in body.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines).lstrip() + "\n"

@@ -1,0 +1,536 @@
+"""Train a network with Sideways / Skip-Sideways over MPI: one unit (or a few) per rank.
+
+Launch (every rank runs the same program; the rank decides which units it owns)::
+
+    mpiexec -n 8 python -m ssmpi.train --config jobs/configs/motion_skip.toml
+    mpiexec -n 8 python -m ssmpi.train --config ... --set optim.lr=1e-3 --set run.name=try2
+    python -m ssmpi.train --config ... --dry-run     # print the plan (units, ranks, memory)
+    mpiexec -n 8 python -m ssmpi.train --config ... --resume   # from the newest checkpoint
+
+Outputs in ``<run.out_dir>/<run.name>/``: ``config.toml`` (resolved), ``metrics.jsonl``
+(one JSON object per logged iteration and per evaluation), ``checkpoints/``.
+
+Exit codes: 0 done, 2 bad config or input (one line on stderr), 1 other errors (the whole
+job is aborted, naming the rank and unit), 99 stopped by SIGUSR1/SIGTERM after writing a
+checkpoint (a job script turns this into ``scontrol requeue``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+EXIT_REQUEUE = 99
+
+
+def _limit_blas_threads(world_size: int):
+    """One BLAS thread per rank when ranks share the node's cores (unless the user chose)."""
+    if any(v in os.environ for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                     "MKL_NUM_THREADS")):
+        return None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    local = int(os.environ.get("MPI_LOCALNRANKS", os.environ.get("SLURM_NTASKS_PER_NODE",
+                                                                   world_size)) or world_size)
+    threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    return threadpool_limits(threads)
+
+
+def build_model(cfg, num_classes: int, frame_hw):
+    from . import models
+
+    m = cfg.model
+    res = int(frame_hw[0])
+    if m.name == "vgg8":
+        return models.vgg8(num_classes, width=m.width, resolution=res, s2d=m.s2d)
+    if m.name == "vgg16":
+        return models.vgg16(num_classes, width=m.width, resolution=res)
+    if m.name == "tiny":
+        return models.tiny(num_classes, units=m.units, width=max(1, int(m.width)),
+                           resolution=res)
+    if m.name == "fullres":
+        return models.fullres(units=m.units, width=max(1, int(m.width)), resolution=res)
+    raise ValueError(f"model {m.name!r}")
+
+
+class Stopper:
+    """SIGUSR1 / SIGTERM: finish the current iteration, checkpoint, exit for requeue."""
+
+    def __init__(self):
+        self.flag = 0
+        self.signame = ""
+
+    def install(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = 1
+        self.signame = signal.Signals(signum).name
+
+
+class Setup:
+    """Everything built from the config on this rank."""
+
+    def __init__(self, cfg, comm, *, need_engine: bool = True):
+        from . import backend, data
+        from .topology import Placement, Topology
+
+        self.cfg, self.comm = cfg, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        backend.select(cfg.run.device)
+        backend.bind_local_device()
+        try:
+            self.ds = data.open_dataset(cfg.data.root, cfg.data.train_split, validate=False)
+        except data.DataError as e:
+            e.collective = True  # every rank reads the same manifest and fails alike
+            raise
+        self.task = self.ds.task
+        hw = (cfg.data.crop, cfg.data.crop) if cfg.data.crop else self.ds.frame_shape[:2]
+        if not all(hw):
+            raise data.DataError(f"{cfg.data.root}: frame size unknown; set data.crop")
+        self.frame_hw = hw
+        ncls = cfg.model.num_classes or self.ds.num_classes
+        if self.task == "action" and ncls < 2:
+            raise data.DataError(f"{cfg.data.root}: the dataset has {ncls} classes")
+        self.spec = build_model(cfg, ncls, hw)
+        want = "frames" if self.task == "frames" else "classify"
+        if self.spec.head != want:
+            err = data.DataError(f"{cfg.data.root}: task {self.task!r} needs a model with a "
+                                 f"{want} head; model.name = {cfg.model.name!r} has "
+                                 f"{self.spec.head!r} (use fullres for frame prediction)")
+            err.collective = True
+            raise err
+        e = cfg.engine
+        self.topo = Topology(self.spec, mode=e.mode, k=e.k, fuse=e.fuse,
+                             modules_per_unit=e.modules_per_unit)
+        self.placement = Placement(self.topo.L, self.size, replicas=e.replicas)
+        self.replica = self.placement.replica_of(self.rank)
+        self.is_bottom = self.placement.owns_bottom(self.rank)
+        self.is_top = self.placement.owns_top(self.rank)
+        self.engine = None
+        if need_engine:
+            from .sideways import Engine
+
+            o = cfg.optim
+            total = cfg.run.iterations * (max(1, cfg.data.clip_len // e.update_every)
+                                          if e.schedule == "stream" else 1)
+            self.engine = Engine(
+                self.topo, self.placement, comm, batch=cfg.data.batch_size, seed=cfg.run.seed,
+                dtype=np.dtype(cfg.run.dtype), wait_mode=e.wait_mode, watchdog_s=e.watchdog_s,
+                cuda_aware=e.cuda_aware, nonfinite=e.nonfinite, target=cfg.data.target,
+                frame_offset=cfg.data.frame_offset, update_every=e.update_every,
+                optimizer=dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay, clip=o.clip, schedule=o.schedule,
+                               warmup=o.warmup, total=total, min_lr=o.min_lr,
+                               milestones=o.milestones, gamma=o.gamma))
+
+    def loader(self, split: str, train: bool):
+        from . import data
+
+        c = self.cfg.data
+        frames_task = self.task == "frames"
+        need_frames = self.is_bottom or (frames_task and self.is_top)
+        need_labels = self.is_top and not frames_task
+        ds = self.ds if split == self.ds.split and (need_frames or need_labels) is False \
+            else data.open_dataset(c.root, split, validate=need_frames or need_labels)
+        return data.ClipLoader(
+            ds, batch_size=c.batch_size, clip_len=c.clip_len, stride=c.stride,
+            crop=c.crop or None, train=train, seed=self.cfg.run.seed, replica=self.replica,
+            n_replicas=self.placement.replicas, flip=c.flip and train,
+            scale_jitter=c.scale_jitter or None, mean=c.mean, std=c.std,
+            short_policy=c.short_policy, need_frames=need_frames, need_labels=need_labels,
+            extra_frames=c.frame_offset if frames_task else 0,
+            clips_per_video=1 if train else c.eval_clips_per_video, drop_last=train,
+            prefetch=c.prefetch, dtype=np.dtype(self.cfg.run.dtype))
+
+    # -- printouts ----------------------------------------------------------------------
+    def summary(self) -> str:
+        from .unit import Unit
+
+        topo, pl = self.topo, self.placement
+        lines = [f"ssmpi: {self.spec.name}, mode {topo.mode}"
+                 + (f", k={topo.k}, fuse {topo.fuse}" if topo.mode in ("skip", "fa-skip")
+                    else "")
+                 + f"; {self.size} ranks = {pl.replicas} replica(s) x {pl.P} ranks; "
+                 f"task {self.task}; batch {self.cfg.data.batch_size} x "
+                 f"{self.cfg.data.clip_len} frames of {self.frame_hw[0]}x{self.frame_hw[1]}"]
+        lines.append(f"{'unit':>5} {'rank':>4}  {'modules':<44} {'output':>16} {'params':>10} "
+                     f"{'MFLOP/frame':>12}")
+        total_p = 0
+        for l in range(1, topo.L + 1):
+            u = Unit.__new__(Unit)  # shapes only: build the layers without parameters
+            layers = topo.unit_layers(l)
+            shape = topo.in_shapes[l]
+            nparam = 0
+            flops = 0
+            for layer in layers:
+                shape = layer.build(shape)
+                flops += layer.flops()
+                nparam += _param_count(layer)
+            del u
+            total_p += nparam
+            desc = " > ".join(layer.describe() for layer in layers)
+            lines.append(f"{'U%d' % l:>5} {pl.rank_of(l):>4}  {desc[:44]:<44} "
+                         f"{str(topo.out_shapes[l]):>16} {nparam:>10,} {flops / 1e6:>12.1f}")
+        lines.append(f"total parameters: {total_p:,}")
+        return "\n".join(lines)
+
+    def memory_estimate(self) -> dict:
+        """Rough bytes per rank: parameters + optimizer state + messages + one step's
+        activations (residuals), for replica 0."""
+        item = np.dtype(self.cfg.run.dtype).itemsize
+        N = self.cfg.data.batch_size
+        opt_states = 2 if self.cfg.optim.name == "adam" else 1
+        out = {}
+        for p in range(self.placement.P):
+            units = self.placement.units_of(p)
+            params = acts = msgs = 0
+            for l in units:
+                shape = self.topo.in_shapes[l]
+                acts += N * int(np.prod(shape)) * item
+                for layer in self.topo.unit_layers(l):
+                    shape = layer.build(shape)
+                    params += _param_count(layer) * item
+                    acts += 2 * N * int(np.prod(shape)) * item
+                for e in self.topo.edges:
+                    if e.dst == l or e.src == l:
+                        msgs += 3 * N * int(np.prod(e.act_shape)) * item * (2 if e.grad else 1)
+            out[p] = dict(units=units, params=params * (2 + opt_states), messages=msgs,
+                          activations=acts, total=params * (2 + opt_states) + msgs + acts)
+        return out
+
+
+def _param_count(layer) -> int:
+    if layer.name == "conv":
+        return layer.k * layer.k * layer.in_shape[2] * layer.cout + (layer.cout if layer.bias
+                                                                     else 0)
+    if layer.name == "linear":
+        return layer.in_shape[0] * layer.dout + (layer.dout if layer.bias else 0)
+    return 0
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# -- evaluation -------------------------------------------------------------------------
+def evaluate(setup: Setup, split: str, max_batches: int = 0) -> Optional[dict]:
+    """Run the pipeline forward only over ``split``; returns the metrics on every rank.
+
+    Action recognition: loss, clip accuracy (mean softmax over the valid steps of a clip)
+    and video accuracy (mean over a video's clips). Frame prediction: L2 per pixel (mean
+    squared error of the predicted frame t+offset), as in Table 7.
+    """
+    eng, comm, T = setup.engine, setup.comm, setup.cfg.data.clip_len
+    loader = setup.loader(split, train=False)
+    nb = len(loader)
+    if max_batches:
+        nb = min(nb, max_batches)
+    video_probs, video_label = {}, {}
+    clip_correct = clip_count = 0
+    losses = []
+    try:
+        for i, b in enumerate(loader.epoch(0)):
+            if i >= nb:
+                break
+            frames = b.frames if setup.is_bottom else None
+            targets = b.frames if (setup.is_top and setup.task == "frames") else None
+            st = eng.run_clip(T, frames, b.labels if setup.is_top else None, targets,
+                              train=False)
+            if setup.is_top:
+                mask = b.video >= 0
+                if st.losses:
+                    losses.append(st.loss)
+                if setup.task == "action" and st.probs is not None:
+                    pred = st.probs.argmax(1)
+                    clip_correct += int((pred[mask] == b.labels[mask]).sum())
+                    clip_count += int(mask.sum())
+                    for v, p, y in zip(b.video[mask], st.probs[mask], b.labels[mask]):
+                        video_probs[int(v)] = video_probs.get(int(v), 0) + p
+                        video_label[int(v)] = int(y)
+    finally:
+        loader.close()
+    res = None
+    if setup.is_top and setup.replica == 0:
+        res = {"split": split, "batches": nb, "loss": float(np.mean(losses)) if losses else None}
+        if setup.task == "action":
+            res["clip_acc"] = clip_correct / max(clip_count, 1)
+            res["clips"] = clip_count
+            vc = [int(np.argmax(p) == video_label[v]) for v, p in video_probs.items()]
+            res["video_acc"] = float(np.mean(vc)) if vc else 0.0
+            res["videos"] = len(vc)
+        else:
+            res["l2"] = res["loss"]
+    top = setup.placement.rank_of(setup.topo.L, 0)
+    return comm.bcast(res, root=top)
+
+
+# -- the training loop ------------------------------------------------------------------
+def _batches(loader, start_iter: int, n_iter: int):
+    """(iteration, epoch, batch) from ``start_iter``: deterministic in (seed, epoch, b)."""
+    nb = len(loader)
+    if nb == 0:
+        from .data import DataError
+
+        raise DataError(f"{loader.dataset.root}: split {loader.dataset.split!r} yields no "
+                        f"batch of {loader.batch_size} clips for this replica")
+    it = start_iter
+    epoch, b0 = divmod(start_iter, nb)
+    while it < n_iter:
+        if b0:  # resume inside an epoch: build the remaining batches synchronously
+            for b in range(b0, nb):
+                if it >= n_iter:
+                    return
+                yield it, epoch, loader.make_batch(epoch, b)
+                it += 1
+            b0 = 0
+        else:
+            for batch in loader.epoch(epoch):
+                if it >= n_iter:
+                    return
+                yield it, epoch, batch
+                it += 1
+        epoch += 1
+
+
+def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None) -> dict:
+    from . import checkpoint as ckpt
+    from . import failure
+
+    setup = Setup(cfg, comm)
+    eng = setup.engine
+    rank = setup.rank
+    run_dir = cfg.run_dir()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+        sys.stdout.write(setup.summary() + "\n")
+        sys.stdout.flush()
+    comm.Barrier()
+    start = 0
+    if resume:
+        path, skipped = ckpt.latest_checkpoint(run_dir)
+        if rank == 0:
+            for s in skipped:
+                failure.warn(f"skipping checkpoint {s}")
+        if path is None:
+            if rank == 0:
+                failure.warn(f"--resume: no complete checkpoint in {run_dir}/checkpoints; "
+                             "starting from scratch")
+        else:
+            man = ckpt.load(path, eng)
+            start = int(man["iteration"])
+            if rank == 0:
+                sys.stdout.write(f"resumed from {path} (iteration {start})\n")
+    loader = setup.loader(cfg.data.train_split, train=True)
+    T = cfg.data.clip_len
+    nb = len(loader)
+    counts = comm.allgather(nb)
+    if len(set(counts)) != 1:
+        raise RuntimeError(f"ranks disagree on batches per epoch: {counts}")
+    metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    bar = None
+    if rank == 0 and cfg.run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.run.iterations, initial=start, desc=f"{cfg.engine.mode}",
+                   unit="it", dynamic_ncols=True, file=sys.stderr,
+                   disable=None if sys.stderr.isatty() else False, mininterval=1.0)
+    last_eval = None
+    frames_per_it = cfg.data.batch_size * T * setup.placement.replicas
+    t_start = time.perf_counter()
+    done_iters = 0
+    stream = cfg.engine.schedule == "stream"
+    if stream:
+        eng.start_stream()
+    step_t = start * T
+    it = start
+    epoch = 0
+    try:
+        for it, epoch, b in _batches(loader, start, cfg.run.iterations):
+            t0 = time.perf_counter()
+            dw0 = loader.wait_time
+            if not stream:
+                st = eng.run_clip(T, b.frames if setup.is_bottom else None,
+                                  b.labels if setup.is_top else None,
+                                  b.frames if (setup.is_top and setup.task == "frames") else None)
+            else:
+                eng._stats.losses.clear()
+                eng._probs_sum = None
+                for s in range(T):
+                    step_t += 1
+                    x = b.frames[:, s] if setup.is_bottom else None
+                    st = eng.stream_step(step_t, x, b.labels if setup.is_top else None)
+                eng._end_clip()
+            dt = time.perf_counter() - t0
+            done_iters += 1
+            acc = None
+            if setup.is_top and st.probs is not None and b.labels is not None:
+                acc = float((st.probs.argmax(1) == b.labels).mean())
+            rec = dict(rank=rank, units=eng.local, loss=st.loss if st.losses else None,
+                       acc=acc, lr=st.lr, compute_s={l: st.compute_s.get(l, 0.0)
+                                                     for l in eng.local},
+                       wait_s=st.wait_s, data_wait_s=loader.wait_time - dw0, stop=stopper.flag
+                       if stopper else 0)
+            log_now = (it + 1) % cfg.run.log_every == 0 or it + 1 == cfg.run.iterations
+            allrec = comm.gather(rec, root=0)
+            stop = 0
+            if rank == 0:
+                stop = max(r["stop"] for r in allrec)
+                tops = [r for r in allrec if setup.topo.L in r["units"]]
+                loss = tops[0]["loss"] if tops else None
+                tacc = tops[0]["acc"] if tops else None
+                if log_now:
+                    units = {}
+                    for r in allrec:
+                        if setup.placement.replica_of(r["rank"]) == 0:
+                            for l, c in r["compute_s"].items():
+                                units[str(l)] = dict(compute_s=round(c, 5),
+                                                     wait_s=round(r["wait_s"], 5))
+                    m = dict(iteration=it + 1, epoch=epoch, loss=loss, acc=tacc,
+                             lr=max(r["lr"] for r in allrec), step_s=round(dt, 5),
+                             frames_per_s=round(frames_per_it / dt, 2),
+                             data_wait_s=round(max(r["data_wait_s"] for r in allrec), 5),
+                             units=units, time=round(time.perf_counter() - t_start, 3))
+                    metrics_f.write(json.dumps(m) + "\n")
+                    metrics_f.flush()
+                if bar is not None:
+                    bar.update(1)
+                    post = {"loss": f"{loss:.3f}" if loss is not None else "-",
+                            "fps": f"{frames_per_it / dt:.0f}"}
+                    if last_eval and "clip_acc" in last_eval:
+                        post["eval"] = f"{last_eval['clip_acc']:.2f}"
+                    bar.set_postfix(post, refresh=False)
+            stop = comm.bcast(stop, root=0)
+            if stop:
+                ckpt.save(run_dir, eng, comm, iteration=it + 1, epoch=epoch, batch=0,
+                          keep=cfg.run.keep_checkpoints)
+                if rank == 0:
+                    if bar is not None:
+                        bar.close()
+                    sys.stderr.write(f"ssmpi.train: stopped by signal at iteration {it + 1}; "
+                                     f"checkpoint written to {run_dir}/checkpoints; exit "
+                                     f"{EXIT_REQUEUE} (requeue)\n")
+                return {"stopped": True, "iteration": it + 1}
+            if cfg.run.checkpoint_every and (it + 1) % cfg.run.checkpoint_every == 0 \
+                    and it + 1 < cfg.run.iterations:
+                ckpt.save(run_dir, eng, comm, iteration=it + 1, epoch=epoch, batch=0,
+                          keep=cfg.run.keep_checkpoints)
+            if cfg.run.eval_every and (it + 1) % cfg.run.eval_every == 0 \
+                    and it + 1 < cfg.run.iterations:
+                last_eval = evaluate(setup, cfg.data.eval_split, cfg.run.eval_batches)
+                if rank == 0:
+                    metrics_f.write(json.dumps(dict(eval=last_eval, iteration=it + 1)) + "\n")
+                    metrics_f.flush()
+                if stream:
+                    eng.start_stream()
+    finally:
+        loader.close()
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t_start
+    if start < cfg.run.iterations:
+        ckpt.save(run_dir, eng, comm, iteration=cfg.run.iterations, epoch=epoch, batch=0,
+                  keep=cfg.run.keep_checkpoints)
+    final = evaluate(setup, cfg.data.eval_split, cfg.run.eval_batches)
+    summary = dict(final=True, eval=final, iterations=cfg.run.iterations,
+                   trained_iterations=done_iters, seconds=round(elapsed, 2),
+                   frames_per_s=round(frames_per_it * done_iters / max(elapsed, 1e-9), 2))
+    if rank == 0:
+        metrics_f.write(json.dumps(summary) + "\n")
+        metrics_f.close()
+        e = final or {}
+        txt = (f"done: {done_iters} iterations in {elapsed:.1f}s "
+               f"({summary['frames_per_s']:.0f} frames/s); {e.get('split')}: ")
+        if "clip_acc" in e:
+            txt += (f"clip accuracy {e['clip_acc']:.3f}, video accuracy {e['video_acc']:.3f} "
+                    f"({e['videos']} videos), loss {e['loss']:.4f}")
+        elif e.get("l2") is not None:
+            txt += f"L2 per pixel {e['l2']:.5f}"
+        sys.stdout.write(txt + "\n")
+        sys.stdout.flush()
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m ssmpi.train", description=__doc__.split("\n\n")[0],
+        epilog="Launch with mpiexec -n <ranks>; see README.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan (units, ranks, replicas, shapes, memory) and exit")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest complete checkpoint of the run")
+    args = ap.parse_args(argv)
+
+    from mpi4py import MPI
+
+    from . import failure
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .topology import TopologyError
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    failure.install(comm)
+    user_errors = (ConfigError, DataError, TopologyError, CheckpointError)
+    try:
+        cfg = load_config(args.config, args.set)
+        _limits = _limit_blas_threads(comm.Get_size())  # noqa: F841 - keep the limit alive
+        if args.dry_run:
+            setup = Setup(cfg, comm, need_engine=False)
+            if rank == 0:
+                sys.stdout.write(setup.summary() + "\n")
+                sys.stdout.write(setup.topo.describe() + "\n")
+                sys.stdout.write(setup.placement.describe() + "\n")
+                sys.stdout.write("memory estimate per rank (parameters+optimizer, message "
+                                 "buffers, one step's activations):\n")
+                for p, m in setup.memory_estimate().items():
+                    sys.stdout.write(f"  rank {p} (U{','.join(map(str, m['units']))}): "
+                                     f"{_mb(m['total'])} = {_mb(m['params'])} + "
+                                     f"{_mb(m['messages'])} + {_mb(m['activations'])}\n")
+            return 0
+        stopper = Stopper()
+        stopper.install()
+        res = train(cfg, comm, resume=args.resume, stopper=stopper)
+        return EXIT_REQUEUE if res.get("stopped") else 0
+    except user_errors as e:
+        # Deterministic errors happen on every rank alike: exit cleanly with one line.
+        # An error on some ranks only would leave the others waiting: abort then.
+        msg = f"ssmpi.train: error: {e}"
+        if comm.Get_size() == 1:
+            sys.stderr.write(msg + "\n")
+            return 2
+        every = comm.allreduce(1) if comm.Get_size() > 1 and _all_fail_together(e) else 0
+        if every == comm.Get_size():
+            if rank == 0:
+                sys.stderr.write(msg + "\n")
+            return 2
+        sys.stderr.write(f"{failure.prefix()} {msg}\n")
+        sys.stderr.flush()
+        failure.abort_job(2)
+        return 2
+
+
+def _all_fail_together(e) -> bool:
+    """Errors raised while every rank does the same work (config, topology, manifest)."""
+    return getattr(e, "collective", False) or type(e).__name__ in ("ConfigError",
+                                                                   "TopologyError")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
