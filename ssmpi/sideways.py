@@ -102,8 +102,9 @@ class Engine:
                  optimizer: Optional[dict] = None, wait_mode: str = "poll",
                  watchdog_s: float = 0.0, cuda_aware: bool = False, nonfinite: str = "raise",
                  target: str = "newest", frame_offset: int = 8, update_every: int = 1,
-                 record: bool = False, xp=None):
+                 record: bool = False, xp=None, tracer=None):
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.tracer = tracer  # optional ssmpi.trace.Tracer: compute / wait / data spans
         self.rank = self.comm.Get_rank()
         if placement.world_size != self.comm.Get_size():
             raise ValueError(f"placement is for {placement.world_size} ranks but the "
@@ -162,14 +163,22 @@ class Engine:
         kinds = ("act", "grad") if train else ("act",)
         if send:
             ex.post_recvs(kinds)
+        tr = self.tracer
+        if tr is not None:
+            tr.set_step(t)
         for l in self.local:
             t0 = time.perf_counter()
             self._unit_step(self.units[l], t, x, train, send)
-            self._stats.compute_s[l] = self._stats.compute_s.get(l, 0.0) + (
-                time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self._stats.compute_s[l] = self._stats.compute_s.get(l, 0.0) + (t1 - t0)
+            if tr is not None:
+                tr.add(f"U{l}", "compute", t0, t1 - t0)
         w0 = ex.wait_time
+        t0 = time.perf_counter()
         ex.wait(t)
         self._stats.wait_s += ex.wait_time - w0
+        if tr is not None:
+            tr.add("wait", "wait", t0, time.perf_counter() - t0)
         if send:
             ex.swap()
 
@@ -209,8 +218,7 @@ class Engine:
         h, res = u.forward(gamma, train)
         taus = []
         for e in outb[1:]:
-            out_c = e.act_shape[2] if topo.fuse == "add" else None
-            taus.append((e,) + tuple(ops.tau_fwd(h, e.act_shape[:2], out_c)))
+            taus.append((e,) + tuple(e.tau_fwd(h, topo.fuse)))
         # 3. cotangent
         c, c_valid, loss_step = None, False, 0
         if l == self.L:  # the loss is also computed in evaluation (metrics), not its VJP
@@ -226,7 +234,7 @@ class Engine:
                     if e.grad:
                         gs, gsh = ex.get(e, "grad")
                         if gsh[0]:
-                            c = c + ops.tau_bwd(tres, gs)
+                            c = c + e.tau_bwd(tres, gs)
         # 4. VJP at the current input
         pieces = [None] * len(inb)
         step_grad = None
@@ -304,12 +312,19 @@ class Engine:
             if targets is not None:
                 self._targets = xp.asarray(targets, dtype=self.dtype)
         lab = None if labels is None else xp.asarray(labels)
+        tr = self.tracer
         for t in range(1, T + 1):
+            t0 = time.perf_counter()
             x = xp.ascontiguousarray(frames[:, t - 1]) if self.is_bottom else None
+            if tr is not None and x is not None:
+                tr.add("frame", "data", t0, time.perf_counter() - t0)
             self.step(t, x, lab if self.is_top else None, train=train, send=t < T)
         stats = self._end_clip()
         if train and update:
+            t0 = time.perf_counter()
             stats.lr = self.update()
+            if tr is not None:
+                tr.add("update", "update", t0, time.perf_counter() - t0)
         return stats
 
     def _begin_clip(self):
