@@ -13,7 +13,9 @@ layout; torch.set_num_threads). The BLAS library and kernel that ran are printed
 to stdout, JSON to benchmarks/results/ops.json.
 
 dx of a layer is timed as (backward with dx) - (backward without dx); dw as the backward
-without dx (dw + db). Times are the median of --repeat runs after one warm-up.
+without dx (dw + db). Per-layer times are the best of --repeat runs after one warm-up; the
+whole steps of ssmpi.ops and PyTorch run in alternation, --repeat rounds, and both the best
+and the median are reported (the machine may be shared: the best is the least disturbed).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssmpi.ops import conv2d_bwd, conv2d_fwd  # noqa: E402
+from ssmpi.ops import conv, conv2d_bwd, conv2d_fwd  # noqa: E402
 
 # VGG8 conv layers (name, H=W, Cin, Cout); a 2x2 max-pool precedes 56, 28, 14 and 7.
 VGG8 = [
@@ -52,14 +54,27 @@ def gflop(h, cin, cout, n=BATCH):
     return 2.0 * n * h * h * K * K * cin * cout / 1e9
 
 
-def median_time(fn, repeat):
+def _once(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def best_time(fn, repeat):
+    """Fastest of ``repeat`` runs after a warm-up (the least disturbed by other processes)."""
     fn()  # warm-up (allocates workspaces, faults pages in)
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    return min(_once(fn) for _ in range(repeat))
+
+
+def interleaved(fns, repeat):
+    """Best and median time of each fn, run in alternation so that both see the same load."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    ts = [[] for _ in fns]
+    for _ in range(repeat):
+        for t, fn in zip(ts, fns):
+            t.append(_once(fn))
+    return [(min(t), float(np.median(t))) for t in ts]
 
 
 def make_layers(rng, n=BATCH):
@@ -85,7 +100,7 @@ def ours_layer(layer, repeat):
     def fwd():
         holder["y"], holder["res"] = conv2d_fwd(x, w, b, pad=1, ws=ws)
 
-    t_fwd = median_time(fwd, repeat)
+    t_fwd = best_time(fwd, repeat)
 
     def bwd_dw():
         fwd_res = holder["res"]
@@ -94,12 +109,12 @@ def ours_layer(layer, repeat):
     def bwd_full():
         conv2d_bwd(holder["res"], dy, need_dx=True)
 
-    t_dw = median_time(bwd_dw, repeat)
-    t_full = median_time(bwd_full, repeat)
+    t_dw = best_time(bwd_dw, repeat)
+    t_full = best_time(bwd_full, repeat)
     return t_fwd, max(t_full - t_dw, 0.0), t_dw
 
 
-def ours_step(layers, repeat):
+def ours_step(layers):
     wss = [{} for _ in layers]
 
     def step():
@@ -109,7 +124,7 @@ def ours_step(layers, repeat):
         for i in reversed(range(len(layers))):
             conv2d_bwd(ress[i], layers[i][7], need_dx=i > 0)
 
-    return median_time(step, repeat)
+    return step
 
 
 # ------------------------------------------------------------------------------- PyTorch
@@ -128,13 +143,13 @@ def torch_layer(torch, layer, repeat):
         return lambda: cb(tdy, tx, tw, [cout], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
 
     with torch.no_grad():
-        t_fwd = median_time(lambda: F.conv2d(tx, tw, tb, padding=1), repeat)
-        t_dw = median_time(bwd([False, True, True]), repeat)
-        t_full = median_time(bwd([True, True, True]), repeat)
+        t_fwd = best_time(lambda: F.conv2d(tx, tw, tb, padding=1), repeat)
+        t_dw = best_time(bwd([False, True, True]), repeat)
+        t_full = best_time(bwd([True, True, True]), repeat)
     return t_fwd, max(t_full - t_dw, 0.0), t_dw
 
 
-def torch_step(torch, layers, repeat):
+def torch_step(torch, layers):
     F = torch.nn.functional
     xs, ws_, bs, dys = [], [], [], []
     for i, (name, h, cin, cout, x, w, b, dy) in enumerate(layers):
@@ -151,7 +166,7 @@ def torch_step(torch, layers, repeat):
         for t in xs + ws_ + bs:
             t.grad = None
 
-    return median_time(step, repeat)
+    return step
 
 
 # ---------------------------------------------------------------------------------- main
@@ -166,12 +181,16 @@ def blas_description():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs per figure")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-layers", action="store_true", help="only the whole step")
+    ap.add_argument("--im2col", action="store_true",
+                    help="force the im2col path everywhere (no Winograd for 3x3 stride 1)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
                                          "ops.json"))
     args = ap.parse_args(argv)
+    if args.im2col:
+        conv.WINOGRAD = False
 
     torch = None
     if not args.no_torch:
@@ -196,7 +215,12 @@ def main(argv=None):
     layers = make_layers(np.random.default_rng(0))
     total_gf = sum(3 * gflop(h, cin, cout) for _, h, cin, cout, *_ in layers) \
         - gflop(*VGG8[0][1:])
-    results = {"blas": blas, "env": env, "batch": BATCH, "numpy": np.__version__,
+    algo = "im2col" if not conv.WINOGRAD else (
+        f"winograd F(2x2,3x3) where Cin >= {conv.WINOGRAD_MIN_CIN} and the size is even-ish, "
+        "else im2col")
+    print(f"conv algorithm: {algo}; GFLOP/s below count the direct convolution's flops "
+          "(2*N*Ho*Wo*9*Cin*Cout), so Winograd layers show 'effective' rates")
+    results = {"algo": algo, "blas": blas, "env": env, "batch": BATCH, "numpy": np.__version__,
                "torch": getattr(torch, "__version__", None), "step_gflop": total_gf, "runs": []}
 
     for nt in args.threads:
@@ -227,16 +251,21 @@ def main(argv=None):
                         "name": name, "hw": h, "cin": cin, "cout": cout, "gflop": gf,
                         "ours_s": dict(zip(("fwd", "dx", "dw"), ours)),
                         "torch_s": dict(zip(("fwd", "dx", "dw"), th)) if th else None})
-            t_ours = ours_step(layers, args.repeat)
-            run["step_ours_s"] = t_ours
-            line = (f"whole step ({total_gf:.1f} GFLOP, conv1 without dx): ssmpi.ops "
-                    f"{t_ours * 1e3:.0f} ms ({total_gf / t_ours:.0f} GFLOP/s)")
+            fns = [ours_step(layers)] + ([torch_step(torch, layers)] if torch else [])
+            times = interleaved(fns, max(args.repeat, 3))
+            (t_ours, t_ours_med) = times[0]
+            run["step_ours_s"] = {"best": t_ours, "median": t_ours_med}
+            line = (f"whole step ({total_gf:.1f} GFLOP, conv1 without dx), best (median) of "
+                    f"{max(args.repeat, 3)}: ssmpi.ops {t_ours * 1e3:.0f} ms "
+                    f"({t_ours_med * 1e3:.0f}), {total_gf / t_ours:.0f} GFLOP/s")
             if torch is not None:
-                t_torch = torch_step(torch, layers, args.repeat)
-                run["step_torch_s"] = t_torch
+                (t_torch, t_torch_med) = times[1]
+                run["step_torch_s"] = {"best": t_torch, "median": t_torch_med}
                 run["ratio_vs_torch"] = t_torch / t_ours
-                line += (f", PyTorch {t_torch * 1e3:.0f} ms ({total_gf / t_torch:.0f} GFLOP/s)"
-                         f" -> ssmpi.ops at {t_torch / t_ours:.2f}x PyTorch's speed")
+                line += (f"; PyTorch {t_torch * 1e3:.0f} ms ({t_torch_med * 1e3:.0f}), "
+                         f"{total_gf / t_torch:.0f} GFLOP/s\n  -> ssmpi.ops at "
+                         f"{t_torch / t_ours:.2f}x PyTorch's speed (medians: "
+                         f"{t_torch_med / t_ours_med:.2f}x)")
             print(line)
         results["runs"].append(run)
 

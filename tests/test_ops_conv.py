@@ -354,3 +354,32 @@ def test_chunked_gemm_loops_match_one_chunk(xp, monkeypatch, fwd, bwd, case, mk)
             np.testing.assert_allclose(backend.asnumpy(a), backend.asnumpy(c), rtol=1e-13,
                                        atol=1e-13)
     check_vjp(_conv_vjp(fwd, bwd, s, p), [x, w, b], rng=rng)
+
+
+@pytest.mark.parametrize("case", [(3, 8, 8, 3, 4, (3, 3), 1, 1), (3, 7, 6, 2, 3, (3, 3), 1, 0),
+                                  (2, 5, 5, 2, 2, (3, 3), 1, 2)])
+def test_winograd_chunks_match_one_chunk_and_im2col(xp, monkeypatch, case):
+    """Winograd with one image per chunk equals Winograd in one chunk and im2col (float64)."""
+    from ssmpi.ops import conv, winograd
+
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CIN", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MAX_WASTE", float("inf"))
+    rng = np.random.default_rng(13)
+    x, w, b, s, p = _conv2d_case(rng, xp, case)
+    dy = None
+    outs = []
+    for setting in ("one", "per-image", "im2col"):
+        if setting == "per-image":
+            monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
+            monkeypatch.setattr(winograd, "CHUNK_MIN_ROWS", 1)
+        if setting == "im2col":
+            monkeypatch.setattr(conv, "WINOGRAD", False)
+        y, r = conv2d_fwd(x, w, b, stride=s, pad=p, ws={})
+        assert isinstance(r, winograd.WinoRes) == (setting != "im2col")
+        if dy is None:
+            dy = _rand(rng, xp, y.shape)
+        outs.append([y, *conv2d_bwd(r, dy)])
+    for other in outs[1:]:
+        for a, c in zip(outs[0], other):
+            np.testing.assert_allclose(backend.asnumpy(c), backend.asnumpy(a), rtol=1e-12,
+                                       atol=1e-12)

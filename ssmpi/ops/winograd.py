@@ -22,6 +22,7 @@ and g the 3x3 kernel. Summing over Cin of the element-wise product is, for every
 Backward: dw = G^T [ V^T @ (A dy A^T) ] G (16 GEMMs again, V kept from the forward), and dx is
 the forward of dy with the kernel rotated by 180 degrees and Cin/Cout swapped, padding 2-p.
 The results equal im2col's up to float rounding (Winograd F(2x2, 3x3) loses about one more bit).
+The GEMMs and the output transform run a chunk of images at a time (M stays in cache).
 
 Workspace: with a ``ws`` dict, the padded input, V, M and their dx twins are cached in it, as
 the im2col buffers are (see conv.py).
@@ -35,8 +36,11 @@ import numpy as np
 
 __all__ = ["WinoRes", "wino_fwd", "wino_bwd"]
 
-# G (4x3): the kernel transform
+# G (4x3): the kernel transform; U[a, b] = sum_ij G[a, i] g[i, j] G[b, j] is one GEMM with
+# the Kronecker product (16, 9). _GG_ROT does the same for the kernel rotated by 180 degrees.
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_GG = np.kron(_G, _G)  # (16 = 4a + b, 9 = 3i + j)
+_GG_ROT = _GG[:, ::-1].copy()  # column (i, j) -> (2 - i, 2 - j)
 
 
 class WinoRes(NamedTuple):
@@ -64,12 +68,11 @@ def _buf(ws, name, key, xp, shape, dtype, zero=False):
     return a
 
 
-def _weights(xp, w):
-    """U (16, Cin, Cout) = G g G^T for every (Cin, Cout)."""
-    g = xp.asarray(_G, dtype=w.dtype)
-    u = xp.tensordot(g, w, axes=(1, 0))  # (4a, 3j, Cin, Cout)
-    u = xp.tensordot(g, u, axes=(1, 1))  # (4b, 4a, Cin, Cout)
-    return xp.ascontiguousarray(u.transpose(1, 0, 2, 3)).reshape(16, w.shape[2], w.shape[3])
+def _weights(xp, w, rot=False):
+    """U (16, Cin, Cout) = G g G^T for every (Cin, Cout) (g rotated by 180 degrees if rot)."""
+    gg = xp.asarray(_GG_ROT if rot else _GG, dtype=w.dtype)
+    w2 = xp.ascontiguousarray(w).reshape(9, -1)
+    return xp.matmul(gg, w2).reshape(16, w.shape[2], w.shape[3])
 
 
 def _input_transform(xp, x, p, th, tw, ws, tag):
@@ -103,40 +106,61 @@ def _input_transform(xp, x, p, th, tw, ws, tag):
     return v.reshape(16, n * th * tw, c)
 
 
-def _output_transform(xp, m, n, th, tw, ho, wo):
-    """y (N, Ho, Wo, C) = A^T M A for every tile; M (16, T, C)."""
-    c = m.shape[-1]
-    m = m.reshape(4, 4, n, th, tw, c)
+def _output_transform(xp, m, s, y):
+    """y (n, 2th, 2tw, C) = A^T M A for every tile; M (16, n*th*tw, C), s scratch (2, 4, ...)."""
+    n, th2, tw2, c = y.shape
+    m = m.reshape(4, 4, n, th2 // 2, tw2 // 2, c)
+    s = s.reshape(2, 4, n, th2 // 2, tw2 // 2, c)
     # rows of A^T: [1 1 1 0], [0 1 -1 -1]
-    s0 = m[0] + m[1]
-    s0 += m[2]  # (4b, N, th, tw, C)
-    s1 = m[1] - m[2]
-    s1 -= m[3]
-    y = xp.empty((n, 2 * th, 2 * tw, c), dtype=m.dtype)
-    for r, s in ((0, s0), (1, s1)):
+    s0, s1 = s[0], s[1]  # (4b, n, th, tw, C)
+    xp.add(m[0], m[1], out=s0)
+    xp.add(s0, m[2], out=s0)
+    xp.subtract(m[1], m[2], out=s1)
+    xp.subtract(s1, m[3], out=s1)
+    for r, sr in ((0, s0), (1, s1)):
         o = y[:, r::2, 0::2]
-        xp.add(s[0], s[1], out=o)
-        xp.add(o, s[2], out=o)
+        xp.add(sr[0], sr[1], out=o)
+        xp.add(o, sr[2], out=o)
         o = y[:, r::2, 1::2]
-        xp.subtract(s[1], s[2], out=o)
-        xp.subtract(o, s[3], out=o)
-    if 2 * th != ho or 2 * tw != wo:
-        y = xp.ascontiguousarray(y[:, :ho, :wo])
-    return y
+        xp.subtract(sr[1], sr[2], out=o)
+        xp.subtract(o, sr[3], out=o)
 
 
-def _conv(xp, x, w, p, ws, tag):
-    """(y, V): the Winograd convolution of x (N, H, W, Cin) with w (3, 3, Cin, Cout), pad p."""
+# The GEMM and the output transform run a few images at a time, so that each chunk of M is
+# still in cache for the output transform (and M and its scratch stay small).
+CHUNK_BYTES = 8 << 20
+CHUNK_MIN_ROWS = 512
+
+
+def _chunk(n, tiles_per_image, cout):
+    per_image = 16 * tiles_per_image * cout * 4
+    nb = max(1, CHUNK_BYTES // max(per_image, 1), -(-CHUNK_MIN_ROWS // max(tiles_per_image, 1)))
+    nb = min(n, nb)
+    return -(-n // -(-n // nb))  # balanced
+
+
+def _conv(xp, x, u, p, ws, tag):
+    """(y, V): the Winograd convolution of x (N, H, W, Cin) with U (16, Cin, Cout), pad p."""
     n, h, wd, cin = x.shape
-    cout = w.shape[3]
+    cout = u.shape[2]
     ho, wo = h + 2 * p - 2, wd + 2 * p - 2
     th, tw = -(-ho // 2), -(-wo // 2)
-    v = _input_transform(xp, x, p, th, tw, ws, tag)
-    u = _weights(xp, w)
-    key = (tuple(x.shape), tuple(w.shape), p, str(x.dtype), xp.__name__)
-    m = _buf(ws, tag + "m", key, xp, (16, n * th * tw, cout), x.dtype)
-    xp.matmul(v, u, out=m)
-    return _output_transform(xp, m, n, th, tw, ho, wo), v
+    v = _input_transform(xp, x, p, th, tw, ws, tag)  # (16, T, Cin)
+    nb = _chunk(n, th * tw, cout)
+    key = (tuple(x.shape), tuple(u.shape), p, nb, str(x.dtype), xp.__name__)
+    m = _buf(ws, tag + "m", key, xp, (16, nb * th * tw, cout), x.dtype)
+    s = _buf(ws, tag + "s", key, xp, (2, 4, nb * th * tw, cout), x.dtype)
+    even = 2 * th == ho and 2 * tw == wo
+    y = xp.empty((n, 2 * th, 2 * tw, cout), dtype=x.dtype)
+    for n0 in range(0, n, nb):
+        n1 = min(n, n0 + nb)
+        rows = (n1 - n0) * th * tw
+        mc = m[:, :rows]
+        xp.matmul(v[:, n0 * th * tw:n1 * th * tw], u, out=mc)
+        _output_transform(xp, mc, s[:, :, :rows], y[n0:n1])
+    if not even:
+        y = xp.ascontiguousarray(y[:, :ho, :wo])
+    return y, v
 
 
 def wino_fwd(op, x, w, b, pad, y_shape, ws):
@@ -144,7 +168,7 @@ def wino_fwd(op, x, w, b, pad, y_shape, ws):
     from ssmpi import backend  # noqa: PLC0415 - avoid an import cycle at module load
 
     xp = backend.get_array_module(x)
-    y, v = _conv(xp, x, w, pad, ws, "wino_")
+    y, v = _conv(xp, x, _weights(xp, w), pad, ws, "wino_")
     if b is not None:
         y += b
     assert tuple(y.shape) == tuple(y_shape)
@@ -192,13 +216,11 @@ def wino_bwd(res: WinoRes, dy, need_dx):
             dm[a, 3] = e1
     dm = dm.reshape(16, n * th * tw, cout)
     du = xp.matmul(res.v.transpose(0, 2, 1), dm)  # (16, Cin, Cout)
-    g = xp.asarray(_G, dtype=dtype)
-    du = du.reshape(4, 4, cin, cout)
-    dw = xp.tensordot(g, du, axes=(0, 0))  # (3i, 4b, Cin, Cout)
-    dw = xp.tensordot(g, dw, axes=(0, 1))  # (3j, 3i, Cin, Cout)
-    dw = xp.ascontiguousarray(dw.transpose(1, 0, 2, 3))
+    gg_t = xp.asarray(_GG.T, dtype=dtype)  # dg[i, j] = sum_ab G[a, i] G[b, j] dU[a, b]
+    dw = xp.matmul(gg_t, du.reshape(16, -1)).reshape(res.w.shape)
     if not need_dx:
         return None, dw, db
-    w_rot = xp.ascontiguousarray(res.w[::-1, ::-1].transpose(0, 1, 3, 2))  # (3, 3, Cout, Cin)
-    dx, _ = _conv(xp, dy, w_rot, 2 - res.pad, res.ws, "wino_dx_")
+    # dx: dy convolved with the rotated kernel, channels swapped: U (16, Cout, Cin) as a view
+    u_rot = _weights(xp, res.w, rot=True).transpose(0, 2, 1)
+    dx, _ = _conv(xp, dy, u_rot, 2 - res.pad, res.ws, "wino_dx_")
     return dx, dw, db
