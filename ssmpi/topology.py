@@ -55,6 +55,23 @@ class Edge:
     def distance(self) -> int:
         return self.dst - self.src
 
+    def tau_fwd(self, h, fuse: str):
+        """tau(h) for this shortcut edge: h (N, *src_shape) -> (y (N, *act_shape), res)."""
+        if len(self.src_shape) == 1:  # vector to vector: identity
+            return h, None
+        out_c = self.act_shape[-1] if fuse == "add" else None
+        hw = self.act_shape[:2] if len(self.act_shape) == 3 else (1, 1)
+        y, res = ops.tau_fwd(h, hw, out_c)
+        return y.reshape((y.shape[0],) + tuple(self.act_shape)), res
+
+    def tau_bwd(self, res, g):
+        """VJP of :meth:`tau_fwd` at the input it saw: g (N, *act_shape) -> (N, *src_shape)."""
+        if res is None:
+            return g
+        if len(self.act_shape) == 1:
+            g = g.reshape(g.shape[0], 1, 1, g.shape[1])
+        return ops.tau_bwd(res, g)
+
     def tag(self, what: str) -> int:
         """MPI tag of one message kind on this edge (unique per edge and kind)."""
         return 16 + 4 * self.eid + {"act": 0, "act_hdr": 1, "grad": 2, "grad_hdr": 3}[what]
@@ -121,20 +138,12 @@ class Topology:
                 gamma = direct
                 for i in range(l - 2, max(1, l - self.k) - 1, -1):  # shortcuts i -> l
                     src = self.out_shapes[i]
-                    if len(src) != 3 or len(direct) != 3:
-                        raise TopologyError(
-                            f"shortcut U{i}->U{l}: tau needs image activations (H, W, C), got "
-                            f"{src} -> {direct}; use a smaller k or group units")
-                    out_c = direct[2] if self.fuse == "add" else None
-                    try:
-                        act = ops.tau_out_shape((1,) + tuple(src), direct[:2], out_c)[1:]
-                    except ValueError as err:
-                        raise TopologyError(f"shortcut U{i}->U{l}: {err}") from None
+                    act = self._tau_shape(i, l, src, direct)
                     self.edges.append(Edge(eid, i, l, "shortcut", tuple(act), src,
                                            self.mode != "fa-skip"))
                     eid += 1
                     if self.fuse == "concat":
-                        gamma = gamma[:2] + (gamma[2] + act[2],)
+                        gamma = gamma[:-1] + (gamma[-1] + act[-1],)
             self.in_shapes[l] = gamma
             shape = gamma
             for layer in self.unit_layers(l):
@@ -143,6 +152,25 @@ class Topology:
                 except ValueError as err:
                     raise TopologyError(f"unit U{l}: {err}") from None
             self.out_shapes[l] = shape
+
+    def _tau_shape(self, i: int, l: int, src: Shape, direct: Shape) -> Shape:
+        """Shape of tau(h_i) sent to U_l: max-pool to the receiver's spatial size (a vector
+        receiver: global max-pool, then flatten), channels tiled/zero-padded for add."""
+        out_c = direct[-1] if self.fuse == "add" else None
+        try:
+            if len(direct) == 3 and len(src) == 3:
+                return tuple(ops.tau_out_shape((1,) + tuple(src), direct[:2], out_c)[1:])
+            if len(direct) == 1 and len(src) == 3:
+                if src[0] != src[1]:
+                    raise ValueError(f"global pooling of a non-square {src}")
+                return tuple(ops.tau_out_shape((1,) + tuple(src), (1, 1), out_c)[1:])[2:]
+            if len(direct) == 1 and len(src) == 1:
+                if self.fuse == "add" and src != direct:
+                    raise ValueError(f"add needs equal vector sizes, got {src} and {direct}")
+                return tuple(src)
+            raise ValueError(f"cannot map {src} to {direct}")
+        except ValueError as err:
+            raise TopologyError(f"shortcut U{i}->U{l}: {err}") from None
 
     def unit_layers(self, l: int, seed: int = 0):
         """Fresh (unbuilt) layer objects of unit ``l``."""

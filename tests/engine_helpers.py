@@ -14,9 +14,9 @@ def small_spec(L: int, width: int = 4, res: int = 8, classes: int = 3) -> models
 
 
 def make_engine(comm, L=4, mode="skip", fuse="concat", k=2, batch=2, seed=3, dtype=np.float32,
-                replicas=1, spec=None, **kw):
+                replicas=1, spec=None, modules_per_unit=1, **kw):
     spec = spec or small_spec(L)
-    topo = Topology(spec, mode=mode, k=k, fuse=fuse)
+    topo = Topology(spec, mode=mode, k=k, fuse=fuse, modules_per_unit=modules_per_unit)
     pl = Placement(topo.L, comm.Get_size(), replicas=replicas)
     kw.setdefault("optimizer", dict(name="sgd", lr=1e-2, momentum=0.9))
     return Engine(topo, pl, comm, batch=batch, seed=seed, dtype=dtype, **kw)
@@ -38,8 +38,14 @@ def static_backprop(topo: Topology, units: dict, x, labels):
             inb = topo.inbound(l)
             parts = [h[inb[0].src]]
             for e in inb[1:]:
-                out_c = e.act_shape[2] if topo.fuse == "add" else None
-                y, r = ops.tau_fwd(h[e.src], e.act_shape[:2], out_c)
+                out_c = e.act_shape[-1] if topo.fuse == "add" else None
+                if len(e.act_shape) == 3:
+                    y, r = ops.tau_fwd(h[e.src], e.act_shape[:2], out_c)
+                elif h[e.src].ndim == 4:  # image -> vector receiver: global max-pool
+                    y, r = ops.tau_fwd(h[e.src], (1, 1), out_c)
+                    y = y.reshape(y.shape[0], -1)
+                else:
+                    y, r = h[e.src], None
                 taures[e.eid] = r
                 parts.append(y)
             if len(parts) > 1:
@@ -62,7 +68,9 @@ def static_backprop(topo: Topology, units: dict, x, labels):
         inb = topo.inbound(l)
         pieces = ops.fuse_bwd(fres[l], dgamma) if l in fres else [dgamma]
         for e, p in zip(inb, pieces):
-            if e.kind == "shortcut":
+            if e.kind == "shortcut" and taures[e.eid] is not None:
+                if p.ndim == 2:
+                    p = p.reshape(p.shape[0], 1, 1, p.shape[1])
                 p = ops.tau_bwd(taures[e.eid], p)
             dh[e.src] = dh[e.src] + p if e.src in dh else p
     return grads, float(loss)

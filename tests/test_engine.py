@@ -42,6 +42,28 @@ def test_constant_video_equals_backprop(mode, fuse, k, L):
     assert checked == L * (T - 2 * L + 2)
 
 
+@pytest.mark.parametrize("fuse", ["concat", "add"])
+def test_constant_video_equals_backprop_vgg16_vector_shortcuts(fuse):
+    """VGG16 with two modules per unit: shortcuts into the classifier units are vectors
+    (tau = global max-pool, then flatten), still exact on constant video."""
+    from ssmpi.models import vgg16
+
+    spec = vgg16(num_classes=3, width=1 / 32, resolution=32)
+    eng = make_engine(SELF, spec=spec, mode="skip", fuse=fuse, modules_per_unit=2,
+                      dtype=np.float64, record=True)
+    L = eng.topo.L
+    assert L == 8 and any(len(e.act_shape) == 1 for e in eng.topo.edges if e.kind == "shortcut")
+    T = 2 * L
+    clip = constant_clip(T, res=32)
+    labels = np.array([0, 2])
+    eng.run_clip(T, clip, labels, update=False)
+    exact, _ = static_backprop(eng.topo, eng.units, clip[:, 0], labels)
+    last = [r for r in eng.records if r.t >= 2 * L - 1]
+    assert len(last) == 2 * L
+    for r in last:
+        assert rel_err(r.grad, exact[r.l]) < 1e-10, (r.l, r.t)
+
+
 def test_constant_video_detects_a_wrong_gradient():
     """The comparison above is sensitive: a perturbed parameter breaks it."""
     L, T = 3, 8

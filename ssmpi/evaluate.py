@@ -1,0 +1,84 @@
+"""Evaluate a checkpoint: the pipeline forward only, the same numbers as in training.
+
+    mpiexec -n 8 python -m ssmpi.evaluate --checkpoint runs/demo/checkpoints/ckpt-00000300 \
+        --split test
+    python -m ssmpi.evaluate --checkpoint runs/demo   # the newest complete checkpoint
+
+The config is the run's resolved ``config.toml`` (next to ``checkpoints/``); ``--set``
+overrides it (e.g. ``--set data.root=...``). Any placement works: a checkpoint written by
+8 ranks can be evaluated on 1 rank (the serial executor) or 4 (grouped units).
+Prints one line and writes the metrics as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def resolve(checkpoint: str):
+    """(checkpoint folder, run folder) from a checkpoint folder or a run folder."""
+    from . import checkpoint as ckpt
+    from .checkpoint import CheckpointError
+
+    p = Path(checkpoint)
+    if (p / "manifest.json").is_file() or p.name.startswith("ckpt-"):
+        return p, p.parent.parent
+    if (p / "checkpoints").is_dir():
+        latest, skipped = ckpt.latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(f"{p}: no complete checkpoint ({'; '.join(skipped)})")
+        return latest, p
+    raise CheckpointError(f"{checkpoint}: neither a checkpoint folder nor a run folder")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ssmpi.evaluate",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    ap.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--batches", type=int, default=0, help="limit batches (0 = all)")
+    ap.add_argument("--json", default=None, help="also write the metrics to this file")
+    args = ap.parse_args(argv)
+
+    from mpi4py import MPI
+
+    from . import checkpoint as ckpt
+    from . import failure
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .topology import TopologyError
+    from .train import Setup, evaluate
+
+    comm = MPI.COMM_WORLD
+    failure.install(comm)
+    try:
+        folder, run_dir = resolve(args.checkpoint)
+        cfg = load_config(str(run_dir / "config.toml"), ["run.progress=false", *args.set])
+        setup = Setup(cfg, comm)
+        ckpt.load(folder, setup.engine)
+        split = args.split or cfg.data.eval_split
+        res = evaluate(setup, split, args.batches)
+    except (ConfigError, DataError, TopologyError, CheckpointError) as e:
+        if comm.Get_rank() == 0:
+            sys.stderr.write(f"ssmpi.evaluate: error: {e}\n")
+        return 2
+    if comm.Get_rank() == 0:
+        res = dict(res or {}, checkpoint=str(folder))
+        if "clip_acc" in res:
+            line = (f"{split}: clip accuracy {res['clip_acc']:.4f}, video accuracy "
+                    f"{res['video_acc']:.4f} ({res['videos']} videos), loss {res['loss']:.4f}")
+        else:
+            line = f"{split}: L2 per pixel {res.get('l2')}"
+        sys.stdout.write(line + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
