@@ -381,6 +381,11 @@ class Engine:
         """Zero the pipeline once; afterwards call :meth:`stream_step` forever."""
         self._begin_clip()
 
+    def new_interval(self):
+        """Fresh statistics (losses, timings) without touching the pipeline (stream mode)."""
+        self._stats = ClipStats()
+        self._probs_sum = None
+
     def stream_step(self, t: int, x=None, labels=None) -> ClipStats:
         """Step t of a stream (no reset). Each unit updates every ``update_every`` steps from
         its own accumulated gradient. ``labels`` (N,) are those of frame t (top rank)."""

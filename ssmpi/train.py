@@ -103,6 +103,11 @@ class Setup:
         if self.task == "action" and ncls < 2:
             raise data.DataError(f"{cfg.data.root}: the dataset has {ncls} classes")
         self.spec = build_model(cfg, ncls, hw)
+        if self.task == "frames" and cfg.engine.schedule == "stream":
+            err = data.DataError("engine.schedule = 'stream' supports action recognition only "
+                                 "(frame prediction trains in reset mode)")
+            err.collective = True
+            raise err
         want = "frames" if self.task == "frames" else "classify"
         if self.spec.head != want:
             err = data.DataError(f"{cfg.data.root}: task {self.task!r} needs a model with a "
@@ -303,6 +308,20 @@ def _batches(loader, start_iter: int, n_iter: int):
         epoch += 1
 
 
+def _stream_iterations(loader, start_iter: int, n_iter: int, T: int):
+    """(iteration, epoch, [T StreamSteps]): the montage stream cut into iterations of T
+    steps. Lanes cut between clips at different times (clip lengths T/2..T). A resumed
+    stream restarts at the epoch of the checkpoint (not bitwise: stream mode has no clip
+    boundary to resume at)."""
+    from .data import montage_stream
+
+    nb = max(len(loader), 1)
+    stream = montage_stream(loader, min_len=max(1, T // 2), start_epoch=start_iter // nb)
+    for it in range(start_iter, n_iter):
+        steps = [next(stream) for _ in range(T)]
+        yield it, start_iter // nb + (it - start_iter) // nb, steps
+
+
 def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None) -> dict:
     from . import checkpoint as ckpt
     from . import failure
@@ -357,21 +376,24 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
     it = start
     epoch = 0
     try:
-        for it, epoch, b in _batches(loader, start, cfg.run.iterations):
+        source = (_stream_iterations(loader, start, cfg.run.iterations, T) if stream
+                  else _batches(loader, start, cfg.run.iterations))
+        for it, epoch, b in source:
             t0 = time.perf_counter()
             dw0 = loader.wait_time
             if not stream:
                 st = eng.run_clip(T, b.frames if setup.is_bottom else None,
                                   b.labels if setup.is_top else None,
                                   b.frames if (setup.is_top and setup.task == "frames") else None)
-            else:
-                eng._stats.losses.clear()
-                eng._probs_sum = None
-                for s in range(T):
+            else:  # b: T steps of the montage stream; labels travel with the frame index
+                eng.new_interval()
+                for s in b:
                     step_t += 1
-                    x = b.frames[:, s] if setup.is_bottom else None
-                    st = eng.stream_step(step_t, x, b.labels if setup.is_top else None)
-                eng._end_clip()
+                    st = eng.stream_step(step_t, s.frames if setup.is_bottom else None,
+                                         s.labels if setup.is_top else None)
+                st = eng._end_clip()
+                st.probs = None  # labels change within an iteration: no clip accuracy
+                b = b[-1]
             dt = time.perf_counter() - t0
             done_iters += 1
             acc = None

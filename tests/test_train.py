@@ -192,3 +192,15 @@ def test_frame_prediction_task_end_to_end(tmp_path):
     # a classification model on a frame-prediction dataset is a clear error
     bad = run_train(2, args[:-8] + ["--set", "model.name=tiny", "--set", "model.units=2"])
     assert bad.returncode == 2 and "needs a model with a frames head" in bad.stderr
+
+
+@pytest.mark.timeout(200)
+def test_stream_mode_trains(motion, tmp_path):
+    p = run_train(4, base_args(motion, tmp_path, "s", "--set", "engine.schedule=stream",
+                               "--set", "engine.update_every=4", "--set", "run.iterations=4"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if "iteration" in m and "loss" in m]
+    assert len(train) == 4 and all(np.isfinite(m["loss"]) for m in train[1:])
+    p0 = ckpt.read_parameters(ckpt.latest_checkpoint(tmp_path / "s")[0])
+    assert all(np.isfinite(a).all() for d in p0.values() for a in d.values())
