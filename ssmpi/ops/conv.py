@@ -281,7 +281,7 @@ def _conv_fwd(op, x, w, b, strides, pads_lo, pads_hi, ws):
     plan = _cached(ws, "plan", key,
                    lambda: _make_plan(op, tuple(x.shape), tuple(w.shape), strides, pads_lo,
                                       pads_hi))
-    if _winograd_applies(plan, strides, pads_lo, pads_hi):
+    if _winograd_applies(plan, strides, pads_lo, pads_hi, x.dtype):
         return winograd.wino_fwd(op, x, w, b, pads_lo[0], plan.y_shape, ws)
     y_shape = plan.y_shape
     cin, cout = x.shape[-1], w.shape[-1]
@@ -331,9 +331,11 @@ def _im2col(xp, x, cols, cols_rows, pieces, c, kw, cin):
             cols[c + out_sl + (s,)] = x[c + in_sl]
 
 
-def _winograd_applies(plan: _Plan, strides, pads_lo, pads_hi) -> bool:
-    """Winograd F(2x2, 3x3) for 2-D 3x3 kernels, stride 1, equal pads <= 2, Cin >= the minimum."""
+def _winograd_applies(plan: _Plan, strides, pads_lo, pads_hi, dtype) -> bool:
+    """Winograd F(2x2, 3x3) for 2-D 3x3 kernels, stride 1, equal pads <= 2, Cin >= the minimum,
+    float32 or float64 (float16 would lose too much to the transforms)."""
     if not (WINOGRAD and plan.ks == (3, 3) and strides == (1, 1) and pads_lo == pads_hi
+            and dtype.itemsize >= 4
             and pads_lo[0] == pads_lo[1] <= 2 and plan.x_shape[-1] >= WINOGRAD_MIN_CIN):
         return False
     ho, wo = plan.y_shape[1:3]
