@@ -308,6 +308,15 @@ def _batches(loader, start_iter: int, n_iter: int):
         epoch += 1
 
 
+def _bcast_polling(comm, value: int) -> int:
+    """Broadcast an int from rank 0 without busy-waiting (MPICH spins in blocking calls)."""
+    from .sideways import _wait_polling
+
+    buf = np.array([value], np.int64)
+    _wait_polling([comm.Ibcast(buf, root=0)])
+    return int(buf[0])
+
+
 def _stream_iterations(loader, start_iter: int, n_iter: int, T: int):
     """(iteration, epoch, [T StreamSteps]): the montage stream cut into iterations of T
     steps. Lanes cut between clips at different times (clip lengths T/2..T). A resumed
@@ -433,7 +442,7 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
                     if last_eval and "clip_acc" in last_eval:
                         post["eval"] = f"{last_eval['clip_acc']:.2f}"
                     bar.set_postfix(post, refresh=False)
-            stop = comm.bcast(stop, root=0)
+            stop = _bcast_polling(comm, stop)
             if stop:
                 ckpt.save(run_dir, eng, comm, iteration=it + 1, epoch=epoch, batch=0,
                           keep=cfg.run.keep_checkpoints)
