@@ -256,3 +256,37 @@ def test_schedule_cli_prints_tables(capsys):
     assert "frame on the direct path" in out and "U4" in out
     row = [ln for ln in out.splitlines() if ln.startswith("U1")][-1]
     assert row.split()[7] == "4(1)"  # U1 uses at step 7 the loss of step 4 on frame 1
+
+
+def _gpu_available():
+    try:
+        backend.select("gpu")
+        return True
+    except backend.BackendError:
+        return False
+    finally:
+        backend.select("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available(), reason="no CuPy/GPU here")
+@pytest.mark.parametrize("mode,fuse", [("sideways", "concat"), ("skip", "concat"),
+                                       ("skip", "add")])
+def test_cupy_engine_matches_numpy(mode, fuse):
+    """The same training on CuPy and NumPy (float64): parameters agree to 1e-10."""
+    import cupy
+
+    rng = np.random.default_rng(0)
+    clip = rng.standard_normal((2, 10, 8, 8, 3))
+    out = {}
+    for name, xp in (("numpy", np), ("cupy", cupy)):
+        backend.select("gpu" if name == "cupy" else "cpu")
+        try:
+            eng = make_engine(SELF, L=4, mode=mode, fuse=fuse, dtype=np.float64, xp=xp)
+            for _ in range(2):
+                eng.run_clip(10, clip, np.array([0, 1]))
+            out[name] = eng.parameters()
+        finally:
+            backend.select("cpu")
+    for l in out["numpy"]:
+        assert rel_err(out["cupy"][l], out["numpy"][l]) < 1e-10, l
