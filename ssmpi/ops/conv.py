@@ -48,8 +48,8 @@ keeps in it, keyed by the full geometry (shapes, strides, pads, dtype):
 - ``"plan"``: the per-tap slice table;
 - on the Winograd path: ``"wino_pad"`` (the zero-bordered padded input), ``"wino_v"`` (the
   transformed input tiles V, kept for dw), ``"wino_t"``, ``"wino_m"``, ``"wino_s"`` (scratch of
-  the transforms and the GEMM output, one chunk), ``"wino_dm"`` (transformed dy), and the same
-  with a ``"wino_dx_"`` prefix for the dx convolution.
+  the transforms and the GEMM output, one chunk), and the same with a ``"wino_dx_"`` prefix for
+  the dx convolution (``"wino_dx_v"`` also holds A dy A^T for dw before dx needs it).
 
 Outputs handed to the caller (``y``, ``dx``, ``dw``, ``db``) are always fresh arrays, so they
 may be kept, sent over MPI or accumulated into. The residual ``res`` of a forward run with a

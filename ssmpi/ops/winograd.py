@@ -82,7 +82,8 @@ def _input_transform(xp, x, p, th, tw, ws, tag):
     # the padded input: its border is zeroed once and never written
     xpad = _buf(ws, tag + "pad", key, xp, (n, 2 * th + 2, 2 * tw + 2, c), x.dtype, zero=True)
     xpad[:, p:p + h, p:p + w] = x
-    v = _buf(ws, tag + "v", key, xp, (4, 4, n, th, tw, c), x.dtype)
+    vshape = (4, 4, n, th, tw, c)
+    v = _buf(ws, tag + "v", (vshape, str(x.dtype), xp.__name__), xp, vshape, x.dtype)
     t = _buf(ws, tag + "t", key, xp, (4, n, th, tw, c), x.dtype)
 
     def d(i, j):  # (N, th, tw, C): element (i, j) of every input tile
@@ -192,8 +193,10 @@ def wino_bwd(res: WinoRes, dy, need_dx):
         dyp[:, :ho, :wo] = dy
     else:
         dyp = dy
-    key = (res.x_shape, res.y_shape, str(dtype), xp.__name__)
-    dm = _buf(res.ws, "wino_dm", key, xp, (4, 4, n, th, tw, cout), dtype)
+    # dM is dead once dU is computed: it shares its buffer with the dx path's V (same shape
+    # whenever dx has dy's tile grid, e.g. pad 1)
+    dshape = (4, 4, n, th, tw, cout)
+    dm = _buf(res.ws, "wino_dx_v", (dshape, str(dtype), xp.__name__), xp, dshape, dtype)
     # rows of A: [1 0], [1 1], [1 -1], [0 -1]
     r = [dyp[:, 0::2], None, None, None]  # (N, th, 2tw, Cout) for a = 0..3 (r[3] negated)
     r[1] = dyp[:, 0::2] + dyp[:, 1::2]
