@@ -77,9 +77,9 @@ def main(argv=None):
     if serial.get("compute_by_unit"):
         cu = serial["compute_by_unit"]
         tot = sum(cu.values())
+        items = sorted(cu.items(), key=lambda kv: int(kv[0]))
         print("serial per-unit compute share: " +
-              ", ".join(f"U{l} {100 * v / tot:.0f}%" for l, v in sorted(cu.items(),
-                                                                         key=lambda kv: int(kv[0]))))
+              ", ".join(f"U{l} {100 * v / tot:.0f}%" for l, v in items))
     targets = {}
     two = [x for x in runs if x["ranks"] == 2]
     eight = [x for x in runs if x["ranks"] == 8 and x["wait_mode"] == "poll"]

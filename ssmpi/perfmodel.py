@@ -132,8 +132,9 @@ def bp_iteration(costs, T, update_s=0.0, remat: bool = False) -> float:
 
 # -- measuring unit costs ------------------------------------------------------------------
 def profile_units(topo, batch: int, reps: int = 5, seed: int = 0, dtype=np.float32):
-    """Fastest (least disturbed) forward and VJP seconds of every unit of ``topo`` on random inputs (in this
-    process, with whatever BLAS threads are set), plus message bytes. Returns [UnitCost]."""
+    """Fastest (least disturbed) forward and VJP seconds of every unit of ``topo`` on random
+    inputs (in this process, with whatever BLAS threads are set), plus message bytes.
+    Returns [UnitCost]."""
     from .unit import Unit
     rng = np.random.default_rng(seed)
     out = []
