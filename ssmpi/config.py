@@ -57,6 +57,7 @@ class EngineConfig:
     fuse: str = "concat"  # concat | add (equation 1)
     modules_per_unit: int = 1  # group consecutive modules into units (VGG16 on 8 ranks: 2)
     replicas: int = 1  # data-parallel replicas of the pipeline (world size = replicas x ranks)
+    placement: str = "contiguous"  # contiguous groups | balanced (by measured unit step times)
     schedule: str = "reset"  # reset (one update per clip) | stream (montage, no resets)
     update_every: int = 16  # stream mode: steps between each unit's updates
     wait_mode: str = "poll"  # poll (yields the core; oversubscribed) | block (MPI Waitall)
@@ -126,6 +127,7 @@ CHOICES = {
     "engine.mode": ("bp", "sideways", "skip", "fa-skip"),
     "engine.fuse": ("concat", "add"),
     "engine.schedule": ("reset", "stream"),
+    "engine.placement": ("contiguous", "balanced"),
     "engine.wait_mode": ("poll", "block"),
     "engine.nonfinite": ("raise", "skip"),
     "data.short_policy": ("loop", "pad", "skip", "error"),

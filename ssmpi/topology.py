@@ -212,12 +212,15 @@ class Placement:
     """Which rank of a communicator runs which unit.
 
     Ranks are laid out replica-major: replica r owns ranks ``r*P .. r*P + P - 1`` where P is
-    the number of ranks per pipeline; rank ``r*P + p`` runs the p-th contiguous group of
-    units. ``P = 1`` is the serial executor.
+    the number of ranks per pipeline; rank ``r*P + p`` runs the p-th group of units. By
+    default the groups are contiguous and of nearly equal size; ``groups`` may give any
+    split (e.g. from :func:`balance_by_cost`): results do not depend on it. ``P = 1`` is
+    the serial executor.
     """
 
     def __init__(self, n_units: int, world_size: int, replicas: int = 1,
-                 ranks_per_replica: Optional[int] = None):
+                 ranks_per_replica: Optional[int] = None,
+                 groups: Optional[Sequence[Sequence[int]]] = None):
         if replicas < 1:
             raise TopologyError(f"replicas must be >= 1, got {replicas}")
         if world_size % replicas:
@@ -234,7 +237,15 @@ class Placement:
                 f"{world_size} ranks ({replicas} replica(s) x {P}) but the model has only "
                 f"{n_units} units: at most one rank per unit. {fits_message(n_units, world_size)}")
         self.L, self.world_size, self.replicas, self.P = n_units, world_size, replicas, P
-        self.groups = balanced_groups(n_units, P)
+        if groups is None:
+            self.groups = balanced_groups(n_units, P)
+        else:
+            self.groups = [sorted(int(l) for l in g) for g in groups]
+            flat = sorted(l for g in self.groups for l in g)
+            if len(self.groups) != P or flat != list(range(1, n_units + 1)) or \
+                    any(not g for g in self.groups):
+                raise TopologyError(f"unit groups {groups} must split units 1..{n_units} "
+                                    f"among {P} ranks, each unit exactly once")
         self._rank_of = {}
         for p, g in enumerate(self.groups):
             for l in g:
@@ -265,6 +276,52 @@ class Placement:
             parts.append(f"rank {p}: " + ",".join(f"U{l}" for l in g))
         rep = f" x {self.replicas} replicas" if self.replicas > 1 else ""
         return f"{self.P} ranks per pipeline{rep}: " + "; ".join(parts)
+
+
+def balance_by_cost(costs: Dict[int, float], parts: int) -> List[List[int]]:
+    """Split units into ``parts`` groups (not necessarily contiguous) minimising the largest
+    group cost: longest-processing-time first, then pairwise moves and swaps that lower
+    the maximum. ``costs``: {unit: seconds (or any additive cost)}."""
+    units = sorted(costs, key=lambda l: (-costs[l], l))
+    groups: List[List[int]] = [[] for _ in range(parts)]
+    load = [0.0] * parts
+    for l in units:
+        p = min(range(parts), key=lambda i: (load[i], i))
+        groups[p].append(l)
+        load[p] += costs[l]
+    improved = True
+    while improved:
+        improved = False
+        hi = max(range(parts), key=lambda i: load[i])
+        for lo in range(parts):
+            if lo == hi:
+                continue
+            for a in list(groups[hi]):  # move a: hi -> lo
+                if len(groups[hi]) > 1 and max(load[hi] - costs[a], load[lo] + costs[a]) < \
+                        load[hi] - 1e-12:
+                    groups[hi].remove(a)
+                    groups[lo].append(a)
+                    load[hi] -= costs[a]
+                    load[lo] += costs[a]
+                    improved = True
+                    break
+                for b in list(groups[lo]):  # swap a <-> b
+                    d = costs[a] - costs[b]
+                    if d > 0 and max(load[hi] - d, load[lo] + d) < load[hi] - 1e-12:
+                        groups[hi].remove(a)
+                        groups[lo].remove(b)
+                        groups[hi].append(b)
+                        groups[lo].append(a)
+                        load[hi] -= d
+                        load[lo] += d
+                        improved = True
+                        break
+                if improved:
+                    break
+            if improved:
+                break
+    # rank order follows the pipeline: the group holding U1 first
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
 def fits_message(n_units: int, world_size: int) -> str:

@@ -119,6 +119,18 @@ class Setup:
         self.topo = Topology(self.spec, mode=e.mode, k=e.k, fuse=e.fuse,
                              modules_per_unit=e.modules_per_unit)
         self.placement = Placement(self.topo.L, self.size, replicas=e.replicas)
+        if e.placement == "balanced" and self.placement.P > 1:
+            groups = None
+            if self.rank == 0:  # measured once, on one rank; every rank gets the same split
+                from .topology import balance_by_cost
+                from .unit import measure_unit_costs
+
+                self.unit_costs = measure_unit_costs(self.topo, cfg.data.batch_size,
+                                                     dtype=np.dtype(cfg.run.dtype))
+                groups = balance_by_cost(self.unit_costs, self.placement.P)
+            groups = comm.bcast(groups, root=0)
+            self.placement = Placement(self.topo.L, self.size, replicas=e.replicas,
+                                       groups=groups)
         self.replica = self.placement.replica_of(self.rank)
         self.is_bottom = self.placement.owns_bottom(self.rank)
         self.is_top = self.placement.owns_top(self.rank)

@@ -14,10 +14,10 @@ def small_spec(L: int, width: int = 4, res: int = 8, classes: int = 3) -> models
 
 
 def make_engine(comm, L=4, mode="skip", fuse="concat", k=2, batch=2, seed=3, dtype=np.float32,
-                replicas=1, spec=None, modules_per_unit=1, **kw):
+                replicas=1, spec=None, modules_per_unit=1, groups=None, **kw):
     spec = spec or small_spec(L)
     topo = Topology(spec, mode=mode, k=k, fuse=fuse, modules_per_unit=modules_per_unit)
-    pl = Placement(topo.L, comm.Get_size(), replicas=replicas)
+    pl = Placement(topo.L, comm.Get_size(), replicas=replicas, groups=groups)
     kw.setdefault("optimizer", dict(name="sgd", lr=1e-2, momentum=0.9))
     return Engine(topo, pl, comm, batch=batch, seed=seed, dtype=dtype, **kw)
 

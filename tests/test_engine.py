@@ -202,6 +202,23 @@ def test_rank_count_that_does_not_fit_is_a_clear_error():
     assert p.units_of(9) == [2] and p.replica_of(9) == 1
 
 
+def test_balance_by_cost_beats_contiguous_and_is_valid():
+    from ssmpi.topology import balance_by_cost
+
+    costs = {1: 1.50, 2: 1.88, 3: 1.50, 4: 2.37, 5: 1.46, 6: 2.36, 7: 1.35, 8: 0.01}
+    for P in (2, 3, 4, 8):
+        g = balance_by_cost(costs, P)
+        assert sorted(l for x in g for l in x) == list(range(1, 9)) and len(g) == P
+        Placement(8, P, groups=g)  # accepted as a placement
+        best = max(sum(costs[l] for l in x) for x in g)
+        contiguous = max(sum(costs[l] for l in x) for x in Placement(8, P).groups)
+        assert best <= contiguous
+    g = balance_by_cost(costs, 2)
+    assert max(sum(costs[l] for l in x) for x in g) < 0.51 * sum(costs.values())
+    with pytest.raises(TopologyError, match="each unit exactly once"):
+        Placement(4, 2, groups=[[1, 2], [2, 3, 4]])
+
+
 def test_bad_topology_values_are_clear_errors():
     spec = small_spec(4)
     with pytest.raises(TopologyError, match="mode 'bogus' is not one of"):

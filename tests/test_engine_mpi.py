@@ -18,9 +18,10 @@ backend.select("cpu")
 WORLD = MPI.COMM_WORLD
 
 
-def _train(comm, mode, fuse, L, stream, replicas=1, iters=3, seed=3):
+def _train(comm, mode, fuse, L, stream, replicas=1, iters=3, seed=3, groups=None):
     eng = make_engine(comm, L=L, mode=mode, fuse=fuse, replicas=replicas, update_every=3,
-                      seed=seed, optimizer=dict(name="adam", lr=1e-2))
+                      seed=seed, optimizer=dict(name="adam", lr=1e-2),
+                      groups=groups if comm.Get_size() > replicas else None)
     T = 2 * L + 2
     losses = []
     if stream:
@@ -45,7 +46,7 @@ def _train(comm, mode, fuse, L, stream, replicas=1, iters=3, seed=3):
     return eng.gather_parameters(), losses
 
 
-def _compare(P, mode, fuse, L, stream, replicas=1):
+def _compare(P, mode, fuse, L, stream, replicas=1, groups=None):
     """Pipelined on P*replicas ranks vs the serial executor with the same replicas."""
     need = P * replicas
     ok, why = True, ""
@@ -57,7 +58,7 @@ def _compare(P, mode, fuse, L, stream, replicas=1):
         ser = _train(ref, mode, fuse, L, stream, replicas)
         ref.Free()
     if sub != MPI.COMM_NULL:
-        par = _train(sub, mode, fuse, L, stream, replicas)
+        par = _train(sub, mode, fuse, L, stream, replicas, groups=groups)
         sub.Free()
     if WORLD.rank == 0:
         for l in ser[0]:
@@ -104,4 +105,14 @@ def test_replicas_times_depth(stream):
     """2 replicas x 2 ranks (4 ranks) equals 2 replicas of the serial executor (2 ranks):
     the gradient allreduce between ranks that own the same units is placement-independent."""
     ok, why = _compare(2, "skip", "concat", 4, stream, replicas=2)
+    assert ok, why
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stream", [False, True], ids=["reset", "stream"])
+@pytest.mark.parametrize("groups", [[[1, 3], [2, 4]], [[1, 4], [2, 3]], [[1], [2, 3, 4]]])
+def test_non_contiguous_placement(groups, stream):
+    """Cost-balanced placements put non-neighbouring units on a rank: same results."""
+    ok, why = _compare(2, "skip", "concat", 4, stream, groups=groups)
     assert ok, why
