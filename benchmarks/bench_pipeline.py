@@ -40,6 +40,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--ranks", default="1,2,8")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--placement", choices=["balanced", "contiguous"], default="balanced",
+                    help="units over ranks: balanced by the serial run's measured per-unit "
+                         "times (default) or contiguous groups of equal count")
     a = ap.parse_args(argv)
     if a.quick:
         a.width, a.res, a.iters = 0.25, 64, 1
@@ -50,20 +53,28 @@ def main(argv=None):
             "warmup": a.warmup, "iters": a.iters, "stream": True, "update_every": a.T}
     runs = []
     ranks = [int(r) for r in a.ranks.split(",")]
+    groups_by_n = {}
     for n in ranks:
         for wm in (["poll", "block"] if n > 2 else ["poll"]):
             spec = dict(base, wait_mode=wm)
+            if n > 1 and a.placement == "balanced" and runs and runs[0].get("compute_by_unit"):
+                from ssmpi.topology import balance_by_cost
+
+                cu = {int(k): v for k, v in runs[0]["compute_by_unit"].items()}
+                spec["groups"] = groups_by_n.setdefault(n, balance_by_cost(cu, n))
             r = common.run_worker(n, spec)
             step_s = r["iter_median_s"] / a.T
             pr = r["per_rank"]
             waits = [100 * p["wait_s"] / p["iter_s"] for p in pr]
             runs.append({"ranks": n, "wait_mode": wm, "step_s": step_s,
+                         "groups": spec.get("groups"),
                          "frames_per_s": 1 / step_s, "wait_pct": waits,
                          "wait_pct_mean": sum(waits) / len(waits),
                          "compute_s_per_rank": [p["compute_s"] for p in pr],
                          "compute_by_unit": pr[0]["compute_by_unit"] if n == 1 else None,
                          "iter_s": r["iter_s"], "blas": r["blas"]})
-            print(f"  {n} rank(s) {wm}: {1 / step_s:.2f} frame steps/s", flush=True)
+            print(f"  {n} rank(s) {wm}: {1 / step_s:.2f} frame steps/s"
+                  + (f" units {spec['groups']}" if spec.get("groups") else ""), flush=True)
     serial = next(x for x in runs if x["ranks"] == 1)
     rows = []
     for x in runs:

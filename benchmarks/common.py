@@ -153,7 +153,7 @@ def worker(spec: dict, out_path: str):
         from ssmpi.sideways import Engine
         topo = Topology(model, mode=spec.get("mode", "skip"), k=spec.get("k", 2),
                         fuse=spec.get("fuse", "concat"))
-        pl = Placement(topo.L, size)
+        pl = Placement(topo.L, size, groups=spec.get("groups"))
         eng = Engine(topo, pl, comm, batch=N, seed=0, optimizer=opt,
                      wait_mode=spec.get("wait_mode", "poll"), tracer=tracer,
                      update_every=spec.get("update_every", T))
