@@ -109,8 +109,7 @@ def ours_layer(layer, repeat):
     def bwd_full():
         conv2d_bwd(holder["res"], dy, need_dx=True)
 
-    t_dw = best_time(bwd_dw, repeat)
-    t_full = best_time(bwd_full, repeat)
+    (t_dw, _), (t_full, _) = interleaved([bwd_dw, bwd_full], repeat)
     return t_fwd, max(t_full - t_dw, 0.0), t_dw
 
 
@@ -144,8 +143,8 @@ def torch_layer(torch, layer, repeat):
 
     with torch.no_grad():
         t_fwd = best_time(lambda: F.conv2d(tx, tw, tb, padding=1), repeat)
-        t_dw = best_time(bwd([False, True, True]), repeat)
-        t_full = best_time(bwd([True, True, True]), repeat)
+        (t_dw, _), (t_full, _) = interleaved([bwd([False, True, True]),
+                                              bwd([True, True, True])], repeat)
     return t_fwd, max(t_full - t_dw, 0.0), t_dw
 
 
