@@ -22,7 +22,7 @@ log() { printf '[slurm-local %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 install() {
   if command -v sbatch >/dev/null && [ -x $SBIN/slurmd ] && [ -x $SBIN/slurmctld ]; then
-    log "install: SLURM already installed ($(sbatch --version 2>/dev/null)); nothing to do"
+    log "install: SLURM already installed (slurm-client $(dpkg-query -W -f='${Version}' slurm-client 2>/dev/null)); nothing to do"
     return 0
   fi
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
@@ -32,7 +32,7 @@ install() {
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     slurmctld slurmd slurm-client >/dev/null   # pulls munge, slurm-wlm-basic-plugins
-  log "install: installed $(sbatch --version)"
+  log "install: installed slurm-client $(dpkg-query -W -f='${Version}' slurm-client 2>/dev/null)"
 }
 
 write_conf() {
