@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ssmpi import backend
+
 __all__ = ["WinoRes", "wino_fwd", "wino_bwd"]
 
 # G (4x3): the kernel transform; U[a, b] = sum_ij G[a, i] g[i, j] G[b, j] is one GEMM with
@@ -166,20 +168,15 @@ def _conv(xp, x, u, p, ws, tag):
 
 def wino_fwd(op, x, w, b, pad, y_shape, ws):
     """conv2d forward, 3x3, stride 1, padding ``pad``; arguments already validated."""
-    from ssmpi import backend  # noqa: PLC0415 - avoid an import cycle at module load
-
     xp = backend.get_array_module(x)
     y, v = _conv(xp, x, _weights(xp, w), pad, ws, "wino_")
     if b is not None:
         y += b
-    assert tuple(y.shape) == tuple(y_shape)
     return y, WinoRes(v, w, tuple(x.shape), tuple(y_shape), pad, b is not None, ws, op)
 
 
 def wino_bwd(res: WinoRes, dy, need_dx):
     """(dx or None, dw, db or None) for a Winograd forward; dy (N, Ho, Wo, Cout) validated."""
-    from ssmpi import backend  # noqa: PLC0415
-
     xp = backend.get_array_module(dy)
     n, h, wd, cin = res.x_shape
     _, ho, wo, cout = res.y_shape
