@@ -1,0 +1,327 @@
+"""Study: which training rules learn a motion-only task, and how well Skip-Sideways'
+pseudo-gradients align with the exact gradient of the same temporal model.
+
+Methods (all serial, one process; placement does not change the mathematics):
+
+- ``sideways``      Sideways engine (direct edges only): its forward sees one frame per
+                    output, so it must stay at chance on a motion-only task;
+- ``skip``          Skip-Sideways engine, k edges, fuse concat (paper's default);
+- ``skip-add``      Skip-Sideways engine, fuse add;
+- ``fa-skip``       FA-Skip-Sideways (shortcut activations, no shortcut pseudo-gradients);
+- ``bptt``          the same unrolled temporal model as ``skip`` (same units, edges, timing,
+                    init) trained with exact backprop through time (:mod:`ssmpi.bptt`);
+- ``twoframe``      a CNN with the same modules fed [frame t, frame t-1] (6 channels),
+                    exact per-step backprop (an upper reference: what two frames allow).
+
+Dataset: ``data_prep.synthetic motion`` (generated once under ``--data``). Every run writes
+``<out>/runs/<key>.json`` (config, accuracy curve, training loss, gradient alignment) and is
+skipped when that file exists (resumable). At the end: ``<out>/results.md`` (table) and
+``<out>/curves.png`` / ``<out>/alignment.png`` when matplotlib imports.
+
+    python benchmarks/study_motion.py                     # the default grid (long)
+    python benchmarks/study_motion.py --quick             # a smoke test (~1 minute)
+    python benchmarks/study_motion.py --only base --seeds 0,1,2 --iters 1200
+    python benchmarks/study_motion.py --report-only       # rebuild table and plots
+
+Gradient alignment (``--align-every N``, for the skip-family runs): every N iterations the
+engine runs the clip with ``update=False``; its per-unit pseudo-gradient (accumulated grad /
+valid steps, what ``update`` applies) is compared with the exact BPTT gradient dJ/dtheta_l
+of the same parameters on the same clip: cosine similarity per unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mpi4py import MPI  # noqa: E402
+
+from ssmpi import data, models  # noqa: E402
+from ssmpi.bptt import BPTT  # noqa: E402
+from ssmpi.sideways import Engine  # noqa: E402
+from ssmpi.topology import Placement, Topology  # noqa: E402
+
+DATA = ROOT / "data" / "study_motion"
+METHODS = ("sideways", "skip", "skip-add", "fa-skip", "bptt", "twoframe")
+ENGINE_MODES = {"sideways": ("sideways", "concat"), "skip": ("skip", "concat"),
+                "skip-add": ("skip", "add"), "fa-skip": ("fa-skip", "concat")}
+
+# base setting (the run.sh demo regime, serial): still vs moving, 16x16, square 8
+BASE = dict(task="still", speed=2, size=16, square=8, noise=0.02, units=4, width=16, k=2,
+            T=8, batch=16, lr=1e-3, iters=1200)
+# one-factor variations around BASE: (name, overrides, methods)
+VARIANTS = [
+    ("base", {}, METHODS),
+    ("lr5e-4", dict(lr=5e-4), ("skip", "bptt")),
+    ("lr2e-3", dict(lr=2e-3), ("skip", "bptt")),
+    ("k3", dict(k=3), ("skip", "bptt")),
+    ("T12", dict(T=12), ("skip", "bptt")),
+    ("speed1", dict(speed=1), ("skip", "bptt", "twoframe")),
+    ("width8", dict(width=8), ("skip", "bptt")),
+    ("leftright", dict(task="direction"), ("sideways", "skip", "bptt", "twoframe")),
+]
+
+
+# -- data -----------------------------------------------------------------------------------
+def dataset(out: Path, cfg: dict) -> str:
+    """Generate (once) the synthetic dataset of ``cfg``; returns its folder."""
+    from data_prep import synthetic
+
+    speeds = [0, cfg["speed"]] if cfg["task"] == "still" else [cfg["speed"]]
+    name = f"{cfg['task']}_s{cfg['size']}_v{cfg['speed']}_q{cfg['square']}_n{cfg['noise']}"
+    root = DATA / name
+    if not (root / "manifest.json").exists():
+        params = {"size": [cfg["size"]] * 2, "frames": 16, "noise": cfg["noise"],
+                  "subsample": 1, "seed": 0, "classes": 2, "speeds": speeds,
+                  "square": cfg["square"]}
+        synthetic.generate("motion", root, splits={"train": 2048, "test": 512}, params=params,
+                           shards=5, quiet=True)
+    return str(root)
+
+
+def two_frames(f):
+    """(N, T, H, W, C) -> (N, T-1, H, W, 2C): [frame t, frame t-1] along channels."""
+    return np.ascontiguousarray(np.concatenate([f[:, 1:], f[:, :-1]], axis=-1))
+
+
+# -- models ---------------------------------------------------------------------------------
+def build(method: str, cfg: dict, seed: int, ncls: int):
+    """The trainer object of ``method``: an Engine (serial) or a BPTT."""
+    opt = dict(name="adam", lr=cfg["lr"])
+    if method == "twoframe":
+        spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"],
+                           resolution=cfg["size"], channels=6)
+        topo = Topology(spec, mode="bp")
+        return Engine(topo, Placement(1, 1), MPI.COMM_SELF, batch=cfg["batch"], seed=seed,
+                      optimizer=opt)
+    spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"], resolution=cfg["size"])
+    if method == "bptt":
+        return BPTT(Topology(spec, mode="skip", k=cfg["k"], fuse="concat"), seed=seed,
+                    optimizer=opt)
+    mode, fuse = ENGINE_MODES[method]
+    topo = Topology(spec, mode=mode, k=cfg["k"], fuse=fuse)
+    return Engine(topo, Placement(topo.L, 1), MPI.COMM_SELF, batch=cfg["batch"], seed=seed,
+                  optimizer=opt)
+
+
+def clip_for(method, frames, T):
+    return (two_frames(frames[:, :T]), T - 1) if method == "twoframe" else (frames, T)
+
+
+def evaluate(model, method, root, T, batch) -> float:
+    """Clip accuracy on the whole test split (centred clips)."""
+    ld = data.ClipLoader(data.open_dataset(root, "test"), batch_size=batch, clip_len=T,
+                         train=False, flip=False, drop_last=False)
+    c = n = 0
+    try:
+        for b in ld.epoch(0):
+            f, TT = clip_for(method, b.frames, T)
+            st = model.run_clip(TT, f, b.labels, train=False)
+            m = b.video >= 0
+            c += int((st.probs.argmax(1)[m] == b.labels[m]).sum())
+            n += int(m.sum())
+    finally:
+        ld.close()
+    return c / max(n, 1)
+
+
+def cosine(a, b) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def alignment(eng: Engine, twin: BPTT, frames, labels, T) -> dict:
+    """One training step of ``eng`` with, first, the cosine between its per-unit
+    pseudo-gradient and the exact BPTT gradient of the same parameters on the same clip."""
+    st = eng.run_clip(T, frames, labels, update=False)
+    pseudo = {l: np.asarray(u.grad / max(u.count, 1), np.float64) for l, u in eng.units.items()}
+    twin.load_parameters(eng.parameters())
+    twin.run_clip(T, frames, labels, update=False)
+    exact = twin.gradients()
+    eng.update()
+    return st, {str(l): cosine(pseudo[l], exact[l]) for l in pseudo}
+
+
+# -- one run --------------------------------------------------------------------------------
+def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_every: int,
+            align_every: int) -> dict:
+    key = f"{variant}__{method}__s{seed}"
+    path = out / "runs" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    root = dataset(out, cfg)
+    ds = data.open_dataset(root, "train")
+    model = build(method, cfg, seed, ds.num_classes)
+    twin = None
+    if align_every and method in ("skip", "skip-add", "fa-skip"):
+        spec = models.tiny(ds.num_classes, units=cfg["units"], width=cfg["width"],
+                           resolution=cfg["size"])
+        twin = BPTT(Topology(spec, mode=ENGINE_MODES[method][0], k=cfg["k"],
+                             fuse=ENGINE_MODES[method][1]), seed=seed)
+    ld = data.ClipLoader(ds, batch_size=cfg["batch"], clip_len=cfg["T"], train=True,
+                         flip=False, seed=seed)
+    T, iters = cfg["T"], cfg["iters"]
+    curve, losses, align = [], [], []
+    t0 = time.perf_counter()
+    it, ep = 0, 0
+    try:
+        while it < iters:
+            for b in ld.epoch(ep):
+                f, TT = clip_for(method, b.frames, T)
+                if twin is not None and it % align_every == 0:
+                    st, cos = alignment(model, twin, f, b.labels, TT)
+                    align.append({"it": it, "cos": cos})
+                else:
+                    st = model.run_clip(TT, f, b.labels)
+                losses.append(st.loss)
+                it += 1
+                if it % eval_every == 0 or it == iters:
+                    acc = evaluate(model, method, root, T, cfg["batch"])
+                    curve.append([it, acc])
+                    print(f"  {key} it {it}: acc {acc:.3f} loss "
+                          f"{np.mean(losses[-eval_every:]):.3f}", flush=True)
+                if it >= iters:
+                    break
+            ep += 1
+    finally:
+        ld.close()
+    res = dict(key=key, variant=variant, method=method, seed=seed, cfg=cfg, curve=curve,
+               final_acc=curve[-1][1], best_acc=max(a for _, a in curve),
+               first_90=next((i for i, a in curve if a >= 0.9), None),
+               loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+               align=align, seconds=round(time.perf_counter() - t0, 1),
+               command=" ".join(["python", "benchmarks/study_motion.py"] + sys.argv[1:]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(path)
+    return res
+
+
+# -- report ---------------------------------------------------------------------------------
+def report(out: Path):
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    if not runs:
+        return
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["variant"], r["method"]), []).append(r)
+    order = {v[0]: i for i, v in enumerate(VARIANTS)}
+    lines = ["| variant | method | seeds | final acc (mean / each) | first eval >= 0.9 "
+             "(iterations, each) | mean pseudo/exact cosine U1..UL (last half) | s/run |",
+             "|---|---|---|---|---|---|---|"]
+    for (v, m), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99),
+                                                            METHODS.index(kv[0][1]))):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        accs = [r["final_acc"] for r in rs]
+        f90 = ", ".join(str(r["first_90"]) if r["first_90"] else "-" for r in rs)
+        cos = "-"
+        al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
+        if al:
+            units = sorted(al[0]["cos"], key=int)
+            cos = " / ".join(f"{np.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
+        lines.append(f"| {v} | {m} | {len(rs)} | {np.mean(accs):.3f} / "
+                     f"{', '.join(f'{a:.3f}' for a in accs)} | {f90} | {cos} | "
+                     f"{np.mean([r['seconds'] for r in rs]):.0f} |")
+    cfgs = {r["variant"]: r["cfg"] for r in runs}
+    lines += ["", "Settings per variant (task still = speed 0 vs speed v; direction = left vs "
+              "right):", ""]
+    for v, c in sorted(cfgs.items(), key=lambda kv: order.get(kv[0], 99)):
+        lines.append(f"- {v}: " + ", ".join(f"{k}={c[k]}" for k in sorted(c)))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    variants = sorted({r["variant"] for r in runs}, key=lambda v: order.get(v, 99))
+    fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants), 3.2), squeeze=False)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, v in zip(axes[0], variants):
+        for r in sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"]):
+            c = np.array(r["curve"])
+            ax.plot(c[:, 0], c[:, 1], color=colors[r["method"]], alpha=0.8,
+                    label=r["method"] if r["seed"] == min(
+                        q["seed"] for q in runs if q["variant"] == v
+                        and q["method"] == r["method"]) else None)
+        ax.set_title(v)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0.3, 1.02)
+        ax.axhline(0.5, color="gray", lw=0.5)
+    axes[0][0].set_ylabel("test clip accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    al_runs = [r for r in runs if r["align"]]
+    if al_runs:
+        fig, axes = plt.subplots(1, len(al_runs), figsize=(4 * len(al_runs), 3.2),
+                                 squeeze=False)
+        for ax, r in zip(axes[0], al_runs):
+            its = [a["it"] for a in r["align"]]
+            for u in sorted(r["align"][0]["cos"], key=int):
+                ax.plot(its, [a["cos"][u] for a in r["align"]], label=f"U{u}")
+            ax.set_title(r["key"], fontsize=8)
+            ax.set_xlabel("iteration")
+            ax.set_ylim(-1, 1)
+            ax.axhline(0, color="gray", lw=0.5)
+        axes[0][0].set_ylabel("cos(pseudo-grad, BPTT grad)")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "alignment.png", dpi=90)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "study_motion")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "study_motion",
+                   help="where the generated datasets go (git-ignored)")
+    p.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    p.add_argument("--methods", default="", help="comma-separated methods (default: per variant)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--iters", type=int, default=0, help="override iterations")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--align-every", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run into <out>/quick")
+    p.add_argument("--report-only", action="store_true")
+    a = p.parse_args(argv)
+    global DATA
+    DATA = a.data
+    out = a.out
+    if a.quick:
+        out = out / "quick"
+        a.iters, a.eval_every, a.align_every, a.seeds = 40, 20, 10, "0"
+    if not a.report_only:
+        only = [v for v in a.only.split(",") if v]
+        meths = [m for m in a.methods.split(",") if m]
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        for (name, over, methods), seed in itertools.product(VARIANTS, seeds):
+            if only and name not in only:
+                continue
+            cfg = dict(BASE, **over)
+            if a.iters:
+                cfg["iters"] = a.iters
+            for m in methods:
+                if meths and m not in meths:
+                    continue
+                run_one(out, name, cfg, m, seed, a.eval_every, a.align_every)
+    report(out)
+
+
+if __name__ == "__main__":
+    main()
