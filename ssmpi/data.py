@@ -472,6 +472,15 @@ class ClipLoader:
             self.skipped_short = int(short.sum()) if short_policy == "skip" else 0
         else:
             self.skipped_short = 0
+        if self.need_labels and use_index and ds.task == "action" and len(self._rows):
+            lab = self._rows[:, 3]
+            bad = (lab < 0) | (lab >= max(ds.num_classes, 1))
+            if bad.any():
+                s, k, _, y = self._rows[bad][0, :4]
+                raise DataError(
+                    f"{self._where(s, k)} has label {y}, outside [0, {ds.num_classes}) "
+                    f"({int(bad.sum())} such videos)"
+                )
         if self.need_frames and len(self._rows):
             if self.crop is not None:
                 ch, cw = self.crop

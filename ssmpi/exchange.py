@@ -51,6 +51,10 @@ class HangError(RuntimeError):
     """No message arrived on some edge within the watchdog time."""
 
 
+class PeerLostError(RuntimeError):
+    """A neighbouring rank died: MPI failed a request on one of this rank's edges."""
+
+
 class _Channel:
     """One direction of one edge, seen from this rank."""
 
@@ -197,15 +201,18 @@ class Exchange:
         if not self._reqs:
             return
         t0 = time.perf_counter()
-        if self.wait_mode == "block":
-            MPI.Request.Waitall(self._reqs)
-        else:
-            sleep = 2e-5
-            while not MPI.Request.Testall(self._reqs):
-                time.sleep(sleep)
-                sleep = min(sleep * 2, self.poll_max_sleep)
-                if self.watchdog_s and time.perf_counter() - t0 > self.watchdog_s:
-                    raise HangError(self._hang_message(step, time.perf_counter() - t0))
+        try:
+            if self.wait_mode == "block":
+                MPI.Request.Waitall(self._reqs)
+            else:
+                sleep = 2e-5
+                while not MPI.Request.Testall(self._reqs):
+                    time.sleep(sleep)
+                    sleep = min(sleep * 2, self.poll_max_sleep)
+                    if self.watchdog_s and time.perf_counter() - t0 > self.watchdog_s:
+                        raise HangError(self._hang_message(step, time.perf_counter() - t0))
+        except MPI.Exception as err:  # a neighbour died (kill -9, node failure): name it
+            raise PeerLostError(self._lost_message(step, err)) from None
         self.wait_time += time.perf_counter() - t0
         self._reqs.clear()
         self._keep.clear()
@@ -213,6 +220,26 @@ class Exchange:
             for ch, _ in self._pending:
                 ch.nxt.set(ch.host_nxt)
         self._pending.clear()
+
+    def _lost_message(self, step, err) -> str:
+        failed = set()
+        for ch, pair in self._pending:  # which receives fail: those peers are gone
+            try:
+                MPI.Request.Testall(pair)
+            except MPI.Exception:
+                failed.add(ch.src_rank)
+        peers = sorted(failed) or sorted(
+            {ch.src_rank for ch, _ in self._pending} |
+            {ch.dst_rank for ch in self.send_ch.values() if ch.dst_rank != self.rank})
+        names = []
+        for p in peers:
+            units = ",".join(f"U{l}" for l in self.placement.units_of(p))
+            edges = [str(ch.edge) for ch in list(self.recv.values()) + list(self.send_ch.values())
+                     if p in (ch.src_rank, ch.dst_rank)]
+            names.append(f"rank {p} ({units}; {', '.join(sorted(set(edges)))})")
+        what = "lost" if failed else "lost a neighbour; suspects"
+        return (f"rank {self.rank}: {what} " + "; ".join(names) + f" at step {step} (MPI error: "
+                f"{err.Get_error_string().strip()})")
 
     def _hang_message(self, step, waited):
         waiting = [f"{ch.name()} from rank {ch.src_rank}" for ch, pair in self._pending

@@ -351,6 +351,27 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
     eng = setup.engine
     rank = setup.rank
     run_dir = cfg.run_dir()
+    # build (and so validate) the data loader before anything is written: a run that fails
+    # on bad input must leave an earlier run of the same name untouched
+    from .data import DataError
+
+    loader, err = None, None
+    try:
+        loader = setup.loader(cfg.data.train_split, train=True)
+    except DataError as e:  # found by the ranks that read data; every rank must stop alike
+        err = str(e)
+    found = comm.allgather((err, len(loader) if loader is not None else -1))
+    errors = [e for e, _ in found if e]
+    if errors:
+        if loader is not None:
+            loader.close()
+        bad = DataError(errors[0])
+        bad.collective = True
+        raise bad
+    T = cfg.data.clip_len
+    counts = [n for _, n in found]
+    if len(set(counts)) != 1:
+        raise RuntimeError(f"ranks disagree on batches per epoch: {counts}")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
@@ -372,12 +393,6 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
             start = int(man["iteration"])
             if rank == 0:
                 sys.stdout.write(f"resumed from {path} (iteration {start})\n")
-    loader = setup.loader(cfg.data.train_split, train=True)
-    T = cfg.data.clip_len
-    nb = len(loader)
-    counts = comm.allgather(nb)
-    if len(set(counts)) != 1:
-        raise RuntimeError(f"ranks disagree on batches per epoch: {counts}")
     metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = None
     if rank == 0 and cfg.run.progress:
@@ -530,6 +545,8 @@ def main(argv=None) -> int:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     failure.install(comm)
+    stopper = Stopper()
+    stopper.install()  # first: SLURM may signal right at start-up
     user_errors = (ConfigError, DataError, TopologyError, CheckpointError)
     try:
         cfg = load_config(args.config, args.set)
@@ -547,8 +564,6 @@ def main(argv=None) -> int:
                                      f"{_mb(m['total'])} = {_mb(m['params'])} + "
                                      f"{_mb(m['messages'])} + {_mb(m['activations'])}\n")
             return 0
-        stopper = Stopper()
-        stopper.install()
         res = train(cfg, comm, resume=args.resume, stopper=stopper)
         return EXIT_REQUEUE if res.get("stopped") else 0
     except user_errors as e:
