@@ -138,7 +138,10 @@ def make_video(kind, params, split, i):
     rng = np.random.default_rng([params["seed"], SPLIT_CODES.get(split, 9), i])
     if kind == "motion":
         classes = motion_classes(params["classes"], params["speeds"])
-        label = i % len(classes)
+        # the label is drawn per video (not i % classes): shards take every S-th video, and
+        # i % classes would give a shard (and so a data-parallel replica) a single class
+        label = int(np.random.default_rng([params["seed"], SPLIT_CODES.get(split, 9), i,
+                                           0xC1A55]).integers(len(classes)))
         return motion_video(
             rng, label=label, classes=classes, size=params["size"], frames=params["frames"],
             square=params["square"], noise=params["noise"], subsample=params["subsample"],

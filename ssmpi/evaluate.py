@@ -34,6 +34,25 @@ def resolve(checkpoint: str):
     raise CheckpointError(f"{checkpoint}: neither a checkpoint folder nor a run folder")
 
 
+def _setup_any_size(cfg, comm, fixed: bool):
+    """The run's config on this job's rank count: results do not depend on placement, so
+    unless ``engine.replicas`` was set, take the fewest replicas that fit the ranks."""
+    from .topology import TopologyError
+    from .train import Setup
+
+    if fixed:
+        return Setup(cfg, comm)
+    size = comm.Get_size()
+    last = None
+    for r in [d for d in range(1, size + 1) if size % d == 0]:
+        cfg.engine.replicas = r
+        try:
+            return Setup(cfg, comm)
+        except TopologyError as e:
+            last = e
+    raise last
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ssmpi.evaluate",
                                  description=__doc__.split("\n\n")[0])
@@ -52,14 +71,14 @@ def main(argv=None) -> int:
     from .config import ConfigError, load_config
     from .data import DataError
     from .topology import TopologyError
-    from .train import Setup, evaluate
+    from .train import evaluate
 
     comm = MPI.COMM_WORLD
     failure.install(comm)
     try:
         folder, run_dir = resolve(args.checkpoint)
         cfg = load_config(str(run_dir / "config.toml"), ["run.progress=false", *args.set])
-        setup = Setup(cfg, comm)
+        setup = _setup_any_size(cfg, comm, fixed="engine.replicas" in " ".join(args.set))
         ckpt.load(folder, setup.engine)
         split = args.split or cfg.data.eval_split
         res = evaluate(setup, split, args.batches)

@@ -244,6 +244,9 @@ def _mb(n: float) -> str:
 def evaluate(setup: Setup, split: str, max_batches: int = 0) -> Optional[dict]:
     """Run the pipeline forward only over ``split``; returns the metrics on every rank.
 
+    Each data-parallel replica evaluates its own shards; the results are combined, so every
+    video of the split counts once whatever the number of replicas.
+
     Action recognition: loss, clip accuracy (mean softmax over the valid steps of a clip)
     and video accuracy (mean over a video's clips). Frame prediction: L2 per pixel (mean
     squared error of the predicted frame t+offset), as in Table 7.
@@ -277,19 +280,30 @@ def evaluate(setup: Setup, split: str, max_batches: int = 0) -> Optional[dict]:
                         video_label[int(v)] = int(y)
     finally:
         loader.close()
-    res = None
-    if setup.is_top and setup.replica == 0:
-        res = {"split": split, "batches": nb, "loss": float(np.mean(losses)) if losses else None}
-        if setup.task == "action":
-            res["clip_acc"] = clip_correct / max(clip_count, 1)
-            res["clips"] = clip_count
-            vc = [int(np.argmax(p) == video_label[v]) for v, p in video_probs.items()]
-            res["video_acc"] = float(np.mean(vc)) if vc else 0.0
-            res["videos"] = len(vc)
-        else:
-            res["l2"] = res["loss"]
-    top = setup.placement.rank_of(setup.topo.L, 0)
-    return comm.bcast(res, root=top)
+    # every replica evaluated its own shards: combine the top ranks' partial results
+    part = None
+    if setup.is_top:
+        part = dict(correct=clip_correct, count=clip_count, losses=losses,
+                    probs=video_probs, labels=video_label)
+    parts = [p for p in comm.allgather(part) if p is not None]
+    losses = [x for p in parts for x in p["losses"]]
+    res = {"split": split, "batches": nb, "replicas": len(parts),
+           "loss": float(np.mean(losses)) if losses else None}
+    if setup.task == "action":
+        count = sum(p["count"] for p in parts)
+        res["clip_acc"] = sum(p["correct"] for p in parts) / max(count, 1)
+        res["clips"] = count
+        probs, labels = {}, {}
+        for p in parts:
+            for v, pr in p["probs"].items():
+                probs[v] = probs.get(v, 0) + pr
+            labels.update(p["labels"])
+        vc = [int(np.argmax(pr) == labels[v]) for v, pr in probs.items()]
+        res["video_acc"] = float(np.mean(vc)) if vc else 0.0
+        res["videos"] = len(vc)
+    else:
+        res["l2"] = res["loss"]
+    return res
 
 
 # -- the training loop ------------------------------------------------------------------

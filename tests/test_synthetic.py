@@ -224,3 +224,18 @@ def test_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "motion", str(tmp_path),
                         "--classes", "3", "--speeds", "1,2"], capture_output=True, text=True)
     assert r.returncode == 2 and "multiple" in r.stderr
+
+
+def test_every_shard_and_replica_holds_every_class(tmp_path):
+    """Regression: labels i % classes with shards taking every S-th video gave each shard
+    (and each data-parallel replica) a single class when S was a multiple of the classes."""
+    out = tmp_path / "m"
+    synthetic.main(["motion", str(out), "--size", "8", "--frames", "4", "--videos", "64",
+                    "--test-videos", "8", "--shards", "4", "--classes", "4", "--quiet"])
+    ds = open_dataset(out, "train")
+    for r in range(2):
+        ld = ClipLoader(ds, batch_size=4, clip_len=2, train=False, replica=r, n_replicas=2,
+                        need_frames=False, drop_last=False)
+        labels = np.concatenate([b.labels[b.video >= 0] for b in ld.epoch(0)])
+        ld.close()
+        assert len(set(labels.tolist())) == 4, (r, np.bincount(labels))

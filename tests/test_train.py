@@ -204,3 +204,20 @@ def test_stream_mode_trains(motion, tmp_path):
     assert len(train) == 4 and all(np.isfinite(m["loss"]) for m in train[1:])
     p0 = ckpt.read_parameters(ckpt.latest_checkpoint(tmp_path / "s")[0])
     assert all(np.isfinite(a).all() for d in p0.values() for a in d.values())
+
+
+@pytest.mark.timeout(200)
+def test_replicas_evaluate_the_whole_split(motion, tmp_path):
+    """2 replicas x 2 units: the final evaluation counts every test video once (both
+    replicas' shards), and the evaluation CLI on 1 rank gives the same numbers."""
+    p = run_train(4, base_args(motion, tmp_path, "r", "--set", "model.units=2", "--set",
+                               "engine.replicas=2", "--set", "run.iterations=3"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    final = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["eval"]["videos"] == 16 and final["eval"]["replicas"] == 2
+    e = subprocess.run([sys.executable, "-m", "ssmpi.evaluate", "--checkpoint",
+                        str(tmp_path / "r"), "--json", str(tmp_path / "e.json")],
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert e.returncode == 0, e.stderr[-2000:]
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["videos"] == 16 and ev["clip_acc"] == final["eval"]["clip_acc"]
