@@ -38,7 +38,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | gpu (auto = CuPy when it sees a GPU)
     dtype: str = "float32"  # float32 | float64
     progress: bool = True  # tqdm progress bar on rank 0
-    trace: bool = False  # write a per-rank timeline (Chrome trace JSON) at the end
+    trace: int = 0  # trace this many iterations (after the first) -> <run>/trace.json + .png
 
 
 @dataclass
@@ -138,7 +138,8 @@ CHOICES = {
 POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_unit",
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
             "data.stride", "data.eval_clips_per_video", "data.prefetch", "run.keep_checkpoints"}
-NON_NEGATIVE = {"run.eval_every", "run.eval_batches", "run.checkpoint_every", "engine.watchdog_s",
+NON_NEGATIVE = {"run.trace", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
+                "engine.watchdog_s",
                 "data.crop", "data.frame_offset", "optim.lr", "optim.weight_decay", "optim.clip",
                 "optim.warmup", "optim.min_lr", "model.num_classes", "optim.momentum"}
 

@@ -135,9 +135,15 @@ class Setup:
         self.is_bottom = self.placement.owns_bottom(self.rank)
         self.is_top = self.placement.owns_top(self.rank)
         self.engine = None
+        self.tracer = None
         if need_engine:
             from .sideways import Engine
 
+            self.tracer = None
+            if cfg.run.trace:
+                from .trace import Tracer
+
+                self.tracer = Tracer(self.rank, label=f"{cfg.engine.mode}", enabled=False)
             o = cfg.optim
             total = cfg.run.iterations * (max(1, cfg.data.clip_len // e.update_every)
                                           if e.schedule == "stream" else 1)
@@ -146,6 +152,7 @@ class Setup:
                 dtype=np.dtype(cfg.run.dtype), wait_mode=e.wait_mode, watchdog_s=e.watchdog_s,
                 cuda_aware=e.cuda_aware, nonfinite=e.nonfinite, target=cfg.data.target,
                 frame_offset=cfg.data.frame_offset, update_every=e.update_every,
+                tracer=self.tracer,
                 optimizer=dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay, clip=o.clip, schedule=o.schedule,
                                warmup=o.warmup, total=total, min_lr=o.min_lr,
@@ -429,6 +436,8 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
         source = (_stream_iterations(loader, start, cfg.run.iterations, T) if stream
                   else _batches(loader, start, cfg.run.iterations))
         for it, epoch, b in source:
+            if setup.tracer is not None:  # the first iteration fills caches: skip it
+                setup.tracer.enabled = start + 1 <= it <= start + cfg.run.trace
             t0 = time.perf_counter()
             dw0 = loader.wait_time
             if not stream:
@@ -511,6 +520,13 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t_start
+    if setup.tracer is not None:
+        setup.tracer.enabled = False
+        out = setup.tracer.dump(run_dir / "trace.json", comm,
+                                title=f"{setup.spec.name} {cfg.engine.mode} on {setup.size} ranks")
+        if rank == 0 and out:
+            sys.stdout.write(f"timeline: {out['json']} (open in https://ui.perfetto.dev)"
+                             + (f", {out['png']}" if out["png"] else f"; {out['note']}") + "\n")
     if start < cfg.run.iterations:
         ckpt.save(run_dir, eng, comm, iteration=cfg.run.iterations, epoch=epoch, batch=0,
                   keep=cfg.run.keep_checkpoints)
