@@ -54,7 +54,7 @@ from ssmpi.bptt import BPTT  # noqa: E402
 from ssmpi.sideways import Engine  # noqa: E402
 from ssmpi.topology import Placement, Topology  # noqa: E402
 
-DATA = ROOT / "data" / "study_motion"
+DATA = Path(os.environ.get("SSMPI_STUDY_DATA", "/tmp/ssmpi_study_motion_data"))
 METHODS = ("sideways", "skip", "skip-add", "fa-skip", "bptt", "twoframe")
 ENGINE_MODES = {"sideways": ("sideways", "concat"), "skip": ("skip", "concat"),
                 "skip-add": ("skip", "add"), "fa-skip": ("fa-skip", "concat")}
@@ -289,8 +289,8 @@ def report(out: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "study_motion")
-    p.add_argument("--data", type=Path, default=ROOT / "data" / "study_motion",
-                   help="where the generated datasets go (git-ignored)")
+    p.add_argument("--data", type=Path, default=DATA,
+                   help="where the generated datasets go (default %(default)s)")
     p.add_argument("--only", default="", help="comma-separated variants (default: all)")
     p.add_argument("--methods", default="", help="comma-separated methods (default: per variant)")
     p.add_argument("--seeds", default="0,1,2")
