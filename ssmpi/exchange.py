@@ -13,7 +13,7 @@ One step of the exchange, as in ``ALGORITHM.md``::
 
     post_recvs()     Irecv every inbound message of the *next* step into the ``nxt`` buffers
     ... compute ...  units read the ``cur`` buffers (messages of the previous step)
-    send(...)        Isend activations up and pseudo-gradients down
+    send_up/down     Isend activations up and pseudo-gradients down
     wait(step)       complete this step's sends and next step's receives
     swap()           nxt becomes cur
 
@@ -167,7 +167,23 @@ class Exchange:
         ch = self.recv[(edge.eid, kind)]
         return ch.cur, ch.hcur
 
-    def send(self, edge: Edge, kind: str, data, valid: bool, frame: int = 0, loss_step: int = 0):
+    def recv_from_below(self, edge: Edge):
+        """The activation U_src sent up ``edge`` at the end of the previous step."""
+        return self.get(edge, "act")
+
+    def recv_from_above(self, edge: Edge):
+        """The pseudo-gradient U_dst sent down ``edge`` at the end of the previous step."""
+        return self.get(edge, "grad")
+
+    def send_up(self, edge: Edge, h, valid: bool, frame: int = 0):
+        """Isend an activation (N, *edge.act_shape) up ``edge``; None/invalid sends zeros."""
+        self.post(edge, "act", h, valid, frame=frame)
+
+    def send_down(self, edge: Edge, g, valid: bool, loss_step: int = 0):
+        """Isend a pseudo-gradient down ``edge``; None/invalid sends zeros."""
+        self.post(edge, "grad", g, valid, loss_step=loss_step)
+
+    def post(self, edge: Edge, kind: str, data, valid: bool, frame: int = 0, loss_step: int = 0):
         """Send ``data`` (N, *edge.act_shape) on a channel; ``data=None`` or not valid sends
         an invalid message (zeros)."""
         ch = self.send_ch[(edge.eid, kind)]

@@ -192,11 +192,11 @@ class Engine:
             valid, frame = x is not None, t
             gamma = x
         else:
-            data, hdr = ex.get(inb[0], "act")
+            data, hdr = ex.recv_from_below(inb[0])
             valid, frame = bool(hdr[0]), int(hdr[1])
             parts = [data]
             for e in inb[1:]:
-                d, h = ex.get(e, "act")
+                d, h = ex.recv_from_below(e)
                 sc_frames.append(int(h[1]) if h[0] else 0)
                 parts.append(d)  # an invalid message carries zeros
             if len(parts) == 1:
@@ -206,11 +206,11 @@ class Engine:
         if not valid:
             if send:
                 for e in outb:
-                    ex.send(e, "act", None, False)
+                    ex.send_up(e, None, False)
                 if train:
                     for e in inb:
                         if e.grad:
-                            ex.send(e, "grad", None, False)
+                            ex.send_down(e, None, False)
             if self.record:
                 self.records.append(StepRecord(t, l, False, 0, sc_frames, False, 0))
             return
@@ -226,13 +226,13 @@ class Engine:
             loss_step = t if c_valid else 0
             c_valid = c_valid and train
         elif train:
-            g, gh = ex.get(outb[0], "grad")
+            g, gh = ex.recv_from_above(outb[0])
             c_valid, loss_step = bool(gh[0]), int(gh[2])
             if c_valid:
                 c = g
                 for e, _, tres in taus:
                     if e.grad:
-                        gs, gsh = ex.get(e, "grad")
+                        gs, gsh = ex.recv_from_above(e)
                         if gsh[0]:
                             c = c + e.tau_bwd(tres, gs)
         # 4. VJP at the current input
@@ -245,13 +245,13 @@ class Engine:
         # 5. send up and down
         if send:
             if outb:
-                ex.send(outb[0], "act", h, True, frame=frame)
+                ex.send_up(outb[0], h, True, frame=frame)
             for e, y, _ in taus:
-                ex.send(e, "act", y, True, frame=frame)
+                ex.send_up(e, y, True, frame=frame)
             if train:
                 for e, p in zip(inb, pieces):
                     if e.grad:
-                        ex.send(e, "grad", p, c_valid, loss_step=loss_step)
+                        ex.send_down(e, p, c_valid, loss_step=loss_step)
         if self.record:
             self.records.append(StepRecord(
                 t, l, True, frame, sc_frames, c_valid, loss_step,
