@@ -289,8 +289,9 @@ def report(out: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "study_motion")
-    p.add_argument("--data", type=Path, default=DATA,
-                   help="where the generated datasets go (default %(default)s)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="where the generated datasets go (default: $SSMPI_STUDY_DATA or "
+                   "/tmp/ssmpi_study_motion_data)")
     p.add_argument("--only", default="", help="comma-separated variants (default: all)")
     p.add_argument("--methods", default="", help="comma-separated methods (default: per variant)")
     p.add_argument("--seeds", default="0,1,2")
@@ -301,7 +302,7 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
     global DATA
-    DATA = a.data
+    DATA = a.data or DATA
     out = a.out
     if a.quick:
         out = out / "quick"
