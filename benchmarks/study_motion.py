@@ -251,9 +251,13 @@ def report(out: Path):
     except ImportError:
         return
     variants = sorted({r["variant"] for r in runs}, key=lambda v: order.get(v, 99))
-    fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants), 3.2), squeeze=False)
+    ncol = min(4, len(variants))
+    nrow = -(-len(variants) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
+    for ax in axes.flat[len(variants):]:
+        ax.set_visible(False)
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, v in zip(axes[0], variants):
+    for ax, v in zip(axes.flat, variants):
         for r in sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"]):
             c = np.array(r["curve"])
             ax.plot(c[:, 0], c[:, 1], color=colors[r["method"]], alpha=0.8,
@@ -264,15 +268,18 @@ def report(out: Path):
         ax.set_xlabel("iteration")
         ax.set_ylim(0.3, 1.02)
         ax.axhline(0.5, color="gray", lw=0.5)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test clip accuracy")
-    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
     al_runs = [r for r in runs if r["align"]]
     if al_runs:
-        fig, axes = plt.subplots(1, len(al_runs), figsize=(4 * len(al_runs), 3.2),
-                                 squeeze=False)
-        for ax, r in zip(axes[0], al_runs):
+        ncol = min(4, len(al_runs))
+        nrow = -(-len(al_runs) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
+        for ax in axes.flat[len(al_runs):]:
+            ax.set_visible(False)
+        for ax, r in zip(axes.flat, al_runs):
             its = [a["it"] for a in r["align"]]
             for u in sorted(r["align"][0]["cos"], key=int):
                 ax.plot(its, [a["cos"][u] for a in r["align"]], label=f"U{u}")
