@@ -167,10 +167,21 @@ class Setup:
         need_labels = self.is_top and not frames_task
         ds = self.ds if split == self.ds.split and (need_frames or need_labels) is False \
             else data.open_dataset(c.root, split, validate=need_frames or need_labels)
+        flip = c.flip and train
+        gen = str(self.ds.manifest.get("settings", {}).get("generator", ""))
+        if flip and gen == "data_prep.synthetic motion":
+            # the classes are motion directions: a horizontal flip would change the class
+            flip = False
+            if self.rank == 0 and not getattr(self, "_flip_warned", False):
+                from . import failure
+
+                failure.warn("data.flip ignored: the synthetic motion classes are directions "
+                             "of motion, which a horizontal flip would change")
+                self._flip_warned = True
         return data.ClipLoader(
             ds, batch_size=c.batch_size, clip_len=c.clip_len, stride=c.stride,
             crop=c.crop or None, train=train, seed=self.cfg.run.seed, replica=self.replica,
-            n_replicas=self.placement.replicas, flip=c.flip and train,
+            n_replicas=self.placement.replicas, flip=flip,
             scale_jitter=c.scale_jitter or None, mean=c.mean, std=c.std,
             short_policy=c.short_policy, need_frames=need_frames, need_labels=need_labels,
             extra_frames=c.frame_offset if frames_task else 0,
