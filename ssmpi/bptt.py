@@ -39,7 +39,7 @@ from . import backend, ops
 from .optim import make_optimizer
 from .sideways import ClipStats, NonFiniteError
 from .topology import Topology
-from .unit import Unit
+from .unit import Unit, host_parameters
 
 __all__ = ["BPTT"]
 
@@ -228,7 +228,7 @@ class BPTT:
     # -- helpers ---------------------------------------------------------------------------
     def parameters(self) -> Dict[int, np.ndarray]:
         """{unit: host copy of its flat parameters}."""
-        return {l: backend.asnumpy(u.theta).copy() for l, u in self.units.items()}
+        return host_parameters(self.units)
 
     def load_parameters(self, params: Dict[int, np.ndarray]):
         """Set every unit's flat parameters (e.g. from an engine's ``parameters()``)."""

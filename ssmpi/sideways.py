@@ -41,7 +41,7 @@ from . import backend, failure, ops
 from .exchange import Exchange
 from .optim import make_optimizer
 from .topology import Placement, Topology
-from .unit import Unit
+from .unit import Unit, host_parameters
 
 NONFINITE = ("raise", "skip")
 TARGETS = ("newest", "direct")
@@ -352,8 +352,7 @@ class Engine:
         reqs = []
         for l in units:
             u = self.units[l]
-            if u.count:
-                u.grad /= u.count
+            u.mean_grad()
             if R > 1:
                 backend.synchronize(u.grad)
                 reqs.append(self.unit_comm.Iallreduce(MPI.IN_PLACE, u.grad, op=MPI.SUM))
@@ -400,7 +399,7 @@ class Engine:
     # -- helpers ------------------------------------------------------------------------
     def parameters(self) -> Dict[int, np.ndarray]:
         """{unit: host copy of its flat parameters}."""
-        return {l: backend.asnumpy(u.theta).copy() for l, u in self.units.items()}
+        return host_parameters(self.units)
 
     def gather_parameters(self, root: int = 0) -> Optional[Dict[int, np.ndarray]]:
         """All units' parameters of replica 0 on ``root`` (a collective; outside the loop)."""

@@ -105,6 +105,21 @@ class Unit:
         self.grad.fill(0)
         self.count = 0
 
+    def mean_grad(self):
+        """Turn the accumulated gradient into its mean over the counted steps (in place)."""
+        if self.count > 1:
+            self.grad /= self.count
+
+    def apply(self, opt) -> float:
+        """Reset-mode update: mean gradient over counted steps, one optimizer step, zero.
+        Returns the learning rate used (0.0 when no step was counted)."""
+        lr = 0.0
+        if self.count:
+            self.mean_grad()
+            lr = opt.step(self.theta, self.grad)
+        self.zero_grad()
+        return lr
+
     def param_items(self):
         """(qualified name, array view) pairs, e.g. ``("1.conv.w", ...)``."""
         for (i, name) in self.names:
@@ -115,6 +130,11 @@ class Unit:
 
     def describe(self) -> str:
         return " > ".join(layer.describe() for layer in self.layers)
+
+
+def host_parameters(units: dict) -> dict:
+    """{unit: host copy of its flat parameters} for a dict of units."""
+    return {l: backend.asnumpy(u.theta).copy() for l, u in units.items()}
 
 
 def measure_unit_costs(topo: Topology, batch: int, *, seed: int = 0, dtype=np.float32,

@@ -27,7 +27,7 @@ from .. import backend, ops
 from ..optim import make_optimizer
 from ..topology import Topology
 from ..trace import null_span
-from ..unit import Unit
+from ..unit import Unit, host_parameters
 
 
 class FrameBP:
@@ -101,14 +101,11 @@ class FrameBP:
     def update(self):
         """Divide each unit's gradient by its count of frames and take one optimizer step."""
         for l, u in self.units.items():
-            if u.count:
-                u.grad /= u.count
-                self.opt[l].step(u.theta, u.grad)
-            u.zero_grad()
+            u.apply(self.opt[l])
 
     def parameters(self) -> Dict[int, np.ndarray]:
         """{unit: host copy of its flat parameters}."""
-        return {l: backend.asnumpy(u.theta).copy() for l, u in self.units.items()}
+        return host_parameters(self.units)
 
     def gradients(self) -> Dict[int, np.ndarray]:
         """{unit: host copy of its accumulated gradient divided by its count}."""

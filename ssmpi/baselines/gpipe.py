@@ -38,7 +38,7 @@ from ..exchange import WAIT_MODES
 from ..optim import make_optimizer
 from ..topology import Placement, Topology
 from ..trace import null_span
-from ..unit import Unit
+from ..unit import Unit, host_parameters
 
 TAG_ACT, TAG_GRAD = 20000, 20001
 
@@ -209,14 +209,11 @@ class GPipe:
     def update(self):
         """Mean over frames of each unit's gradient, one optimizer step."""
         for l, u in self.units.items():
-            if u.count:
-                u.grad /= u.count
-                self.opt[l].step(u.theta, u.grad)
-            u.zero_grad()
+            u.apply(self.opt[l])
 
     # -- helpers ------------------------------------------------------------------------
     def parameters(self) -> Dict[int, np.ndarray]:
-        return {l: backend.asnumpy(u.theta).copy() for l, u in self.units.items()}
+        return host_parameters(self.units)
 
     def gather_parameters(self, root: int = 0) -> Optional[Dict[int, np.ndarray]]:
         """All units' parameters on ``root`` (a collective; outside the loop)."""
