@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_helpers import make_motion
 
 from ssmpi import checkpoint as ckpt
 
@@ -78,11 +79,7 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def motion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("motion")
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "motion", str(root), "--size",
-                    "16", "--videos", "48", "--test-videos", "16", "--frames", "10",
-                    "--shards", "2", "--quiet"], check=True, env=ENV, timeout=120)
-    return root
+    return make_motion(tmp_path_factory.mktemp("motion"), env=ENV)
 
 
 @pytest.fixture(scope="module")

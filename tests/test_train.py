@@ -10,32 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_helpers import ENV, base_args, make_motion, run_train
 
 from ssmpi import checkpoint as ckpt
 from ssmpi.config import ConfigError, load_config
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
 
 @pytest.fixture(scope="module")
 def motion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("motion")
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "motion", str(root), "--size",
-                    "16", "--videos", "48", "--test-videos", "16", "--frames", "10",
-                    "--shards", "2", "--quiet"], check=True, env=ENV, timeout=120)
-    return root
-
-
-def base_args(root, out, name, *extra):
-    return ["--set", f"data.root={root}", "--set", f"run.out_dir={out}", "--set",
-            f"run.name={name}", "--set", "model.name=tiny", "--set", "model.units=4", "--set",
-            "model.width=4", "--set", "data.batch_size=4", "--set", "data.clip_len=8",
-            "--set", "run.progress=false", "--set", "optim.lr=1e-3", *extra]
-
-
-def run_train(n, args, timeout=120, **kw):
-    cmd = ["mpiexec", "-n", str(n), sys.executable, "-m", "ssmpi.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
+    return make_motion(tmp_path_factory.mktemp("motion"))
 
 
 def final_params(run_dir):

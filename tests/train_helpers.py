@@ -1,0 +1,30 @@
+"""Helpers for tests that run the trainer under a real mpiexec."""
+
+import os
+import subprocess
+import sys
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+TRAIN = [sys.executable, "-m", "ssmpi.train"]
+
+
+def make_motion(root, env=ENV):
+    """A small synthetic motion dataset (48 train / 16 test videos of 10 frames, 16x16)."""
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "motion", str(root), "--size",
+                    "16", "--videos", "48", "--test-videos", "16", "--frames", "10",
+                    "--shards", "2", "--quiet"], check=True, env=env, timeout=120)
+    return root
+
+
+def base_args(root, out, name, *extra):
+    """Trainer options for a tiny, fast 4-unit run on ``root``, written to ``out/name``."""
+    return ["--set", f"data.root={root}", "--set", f"run.out_dir={out}", "--set",
+            f"run.name={name}", "--set", "model.name=tiny", "--set", "model.units=4", "--set",
+            "model.width=4", "--set", "data.batch_size=4", "--set", "data.clip_len=8",
+            "--set", "run.progress=false", "--set", "optim.lr=1e-3", *extra]
+
+
+def run_train(n, args, timeout=120, env=ENV, **kw):
+    """``mpiexec -n n python -m ssmpi.train args`` with captured output."""
+    return subprocess.run(["mpiexec", "-n", str(n), *TRAIN, *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, **kw)
