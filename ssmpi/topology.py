@@ -152,6 +152,12 @@ class Topology:
                 except ValueError as err:
                     raise TopologyError(f"unit U{l}: {err}") from None
             self.out_shapes[l] = shape
+        # computed once: the engine asks for them at every step
+        by_distance = lambda es: sorted(es, key=lambda e: e.distance)  # noqa: E731
+        self._inbound = {l: by_distance([e for e in self.edges if e.dst == l])
+                         for l in range(1, self.L + 1)}
+        self._outbound = {l: by_distance([e for e in self.edges if e.src == l])
+                          for l in range(1, self.L + 1)}
 
     def _tau_shape(self, i: int, l: int, src: Shape, direct: Shape) -> Shape:
         """Shape of tau(h_i) sent to U_l: max-pool to the receiver's spatial size (a vector
@@ -181,11 +187,11 @@ class Topology:
 
     def inbound(self, l: int) -> List[Edge]:
         """Edges into U_l: the direct edge first, then shortcuts by increasing distance."""
-        return sorted((e for e in self.edges if e.dst == l), key=lambda e: e.distance)
+        return self._inbound[l]
 
     def outbound(self, l: int) -> List[Edge]:
         """Edges out of U_l: the direct edge first, then shortcuts by increasing distance."""
-        return sorted((e for e in self.edges if e.src == l), key=lambda e: e.distance)
+        return self._outbound[l]
 
     def describe(self) -> str:
         lines = [f"{self.model.name}: {self.L} units, mode {self.mode}, k={self.k}, "
