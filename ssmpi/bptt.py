@@ -12,11 +12,18 @@ is valid when its direct input is; invalid shortcut inputs fuse as zeros; the lo
 at the top unit on every step whose input is valid). Because shortcut edges skip steps, the
 top unit mixes several frames: this is where temporal features come from.
 
+Losses, as in :class:`~ssmpi.sideways.Engine`: a ``classify`` head uses softmax
+cross-entropy against the clip label; a ``frames`` head (``models.fullres``, Table 7) uses
+the mean squared error between h_L^{[t]} and the future frame ``x^{[t + frame_offset]}``
+(``target="newest"``: t is the newest frame that entered U_1; ``"direct"``: t is the
+direct-path frame t-L+1 of the top unit), taken from ``targets[:, idx - 1]``; a step
+whose target index exceeds the frames given has no loss (and is not a valid step).
+
 Sideways / Skip-Sideways approximate the gradient of this model (a pseudo-gradient computed
 at step t-1 is paired with the Jacobian of step t). :class:`BPTT` computes the *exact*
 gradient of the reset-mode objective
 
-    J(theta) = mean over the valid steps t of  loss(h_L^{[t]}, y)
+    J(theta) = mean over the valid steps t of  loss(h_L^{[t]}, y^{[t]})
 
 by keeping the residuals of all T steps and running the VJPs backwards in time. It uses
 the same :class:`~ssmpi.unit.Unit` objects (same ``unit_seed`` initialisation), topology
@@ -37,7 +44,7 @@ import numpy as np
 
 from . import backend, ops
 from .optim import make_optimizer
-from .sideways import ClipStats, NonFiniteError
+from .sideways import TARGETS, ClipStats, NonFiniteError
 from .topology import Topology
 from .unit import Unit, host_parameters
 
@@ -54,15 +61,23 @@ class BPTT:
     dtype : float dtype of parameters and activations
     optimizer : keyword arguments of :func:`ssmpi.optim.make_optimizer` (one per unit)
     xp : array module (default: the selected backend)
+    frame_offset, target : frame prediction (``frames`` head) as in the engine: the top
+        output at step t is compared with frame ``t + frame_offset`` (``"newest"``) or
+        ``t - L + 1 + frame_offset`` (``"direct"``)
 
     Attributes: ``units`` {l: Unit}, ``opt`` {l: Optimizer}, ``updates``.
     After ``run_clip(..., update=False)`` each ``units[l].grad`` holds dJ/dtheta_l.
     """
 
     def __init__(self, topo: Topology, seed: int = 0, dtype=np.float32,
-                 optimizer: Optional[dict] = None, xp=None):
-        if topo.model.head != "classify":
-            raise ValueError("BPTT supports classification heads (softmax cross-entropy)")
+                 optimizer: Optional[dict] = None, xp=None, frame_offset: int = 8,
+                 target: str = "newest"):
+        if topo.model.head not in ("classify", "frames"):
+            raise ValueError(f"BPTT supports classify and frames heads, not {topo.model.head!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+        self.loss_kind = "xent" if topo.model.head == "classify" else "mse"
+        self.frame_offset, self.target = int(frame_offset), target
         self.topo, self.L = topo, topo.L
         self.xp = backend.xp() if xp is None else xp
         self.dtype = np.dtype(dtype)
@@ -77,9 +92,18 @@ class BPTT:
         self.updates = 0
 
     # -- the unrolled forward ---------------------------------------------------------
-    def _forward(self, T: int, frames, labels, train: bool, keep: bool):
+    def _step_loss(self, h, t: int, labels, targets):
+        """Loss of the top output of step t: (value, residual), or None (no valid target)."""
+        if self.loss_kind == "xent":
+            return ops.softmax_xent_fwd(h, labels)
+        idx = (t if self.target == "newest" else t - self.L + 1) + self.frame_offset
+        if idx > targets.shape[1]:
+            return None
+        return ops.mse_fwd(h, targets[:, idx - 1])
+
+    def _forward(self, T: int, frames, labels, targets, train: bool, keep: bool):
         """Run T steps. Returns (losses, probs_sum, tape): tape[t][l] = (res, fres, taus,
-        valid) when ``keep``; losses is a list of (t, loss, xent residual)."""
+        valid) when ``keep``; losses is a list of (t, loss, loss residual)."""
         topo, xp, L = self.topo, self.xp, self.L
         prev: Dict[int, tuple] = {}  # edge id -> (activation, valid) sent at step t-1
         tape, losses, probs_sum = [], [], None
@@ -126,35 +150,49 @@ class BPTT:
                 # which inbound shortcut inputs were valid (a zero input gets no gradient)
                 inval = [prev.get(e.eid, (None, False))[1] for e in inb[1:]] if l > 1 else []
                 step[l] = (res, fres, taus, inval) if keep else True
-            if L in h_by_l:
-                loss, xres = ops.softmax_xent_fwd(h_by_l[L], labels)
+            out = self._step_loss(h_by_l[L], t, labels, targets) if L in h_by_l else None
+            if out is not None:
+                loss, lres = out
                 val = float(loss)
                 if not math.isfinite(val):
                     raise NonFiniteError(f"BPTT: non-finite loss {val} at step {t}")
-                losses.append((t, val, xres))
-                p = xres.probs
-                probs_sum = p.copy() if probs_sum is None else probs_sum + p
+                losses.append((t, val, lres))
+                if self.loss_kind == "xent":
+                    p = lres.probs
+                    probs_sum = p.copy() if probs_sum is None else probs_sum + p
             tape.append(step)
             prev = cur
         return losses, probs_sum, tape
 
     # -- one clip -------------------------------------------------------------------------
-    def run_clip(self, T: int, frames, labels, *, train: bool = True,
+    def run_clip(self, T: int, frames, labels=None, *, targets=None, train: bool = True,
                  update: bool = True) -> ClipStats:
         """Reset, run T steps, and (train) backprop J through time into ``units[l].grad``.
 
-        frames (N, T', H, W, C) with T' >= T; labels (N,) ints. Returns a
+        frames (N, T', H, W, C) with T' >= T; labels (N,) ints (classify head); targets
+        (N, T'', H, W, C) (frames head: frame t of the clip is ``targets[:, t-1]``, as in
+        :meth:`Engine.run_clip`; default ``frames``, which then must hold the T + offset
+        frames for every step to have a target). Returns a
         :class:`~ssmpi.sideways.ClipStats`: ``losses`` per valid top step, ``probs`` (N, K)
-        the mean softmax over them, ``counts`` {l: 1 if the unit got a gradient}. With
-        ``train and update`` one optimizer step per unit follows (``lr`` in the stats).
+        the mean softmax over them (classify), ``counts`` {l: 1 if the unit got a
+        gradient}. With ``train and update`` one optimizer step per unit follows (``lr`` in
+        the stats).
         """
         xp = self.xp
         frames = xp.asarray(frames, dtype=self.dtype)
         if frames.ndim != 5 or frames.shape[1] < T:
             raise ValueError(f"frames of shape {tuple(frames.shape)} do not hold clips of {T} "
                              "frames (N, T, H, W, C)")
-        labels = xp.asarray(labels)
-        losses, probs_sum, tape = self._forward(T, frames, labels, train, keep=train)
+        if self.loss_kind == "xent":
+            if labels is None:
+                raise ValueError("a classify head needs labels")
+            labels = xp.asarray(labels)
+        else:
+            targets = frames if targets is None else xp.asarray(targets, dtype=self.dtype)
+            if targets.ndim != 5 or targets.shape[0] != frames.shape[0]:
+                raise ValueError(f"targets of shape {tuple(targets.shape)} do not match frames "
+                                 f"{tuple(frames.shape)}")
+        losses, probs_sum, tape = self._forward(T, frames, labels, targets, train, keep=train)
         st = ClipStats(losses=[v for _, v, _ in losses])
         if probs_sum is not None:
             st.probs = backend.asnumpy(probs_sum) / len(losses)
@@ -172,7 +210,8 @@ class BPTT:
         """Reverse sweep: dJ/dtheta_l into units[l].grad (count = 1 when touched)."""
         topo, L = self.topo, self.L
         S = len(losses)
-        dloss = {t: xres for t, _, xres in losses}
+        dloss = {t: lres for t, _, lres in losses}
+        loss_bwd = ops.softmax_xent_bwd if self.loss_kind == "xent" else ops.mse_bwd
         # pending[(t, eid)]: cotangent of the message that U_src sent on edge eid at step t
         pending: Dict[tuple, object] = {}
         touched = set()
@@ -186,7 +225,7 @@ class BPTT:
                 outb = topo.outbound(l)
                 c = None
                 if l == L and t in dloss:
-                    c = ops.softmax_xent_bwd(dloss[t], 1.0 / S)
+                    c = loss_bwd(dloss[t], 1.0 / S)
                 if outb:
                     g = pending.pop((t, outb[0].eid), None)
                     if g is not None:
