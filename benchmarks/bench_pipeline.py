@@ -28,34 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-GEMM_LOOP = (
-    "import numpy as np, time\n"
-    "a = np.random.rand(1024, 1024).astype(np.float32)\n"
-    "a @ a\n"
-    "t = time.perf_counter()\n"
-    "for _ in range(30):\n"
-    "    a @ a\n"
-    "print(time.perf_counter() - t)\n")
-
-
-def machine_ceiling() -> float:
-    """Throughput of 2 concurrent single-threaded GEMM processes / 1 process: what two
-    ranks can gain at most on this machine (1.0 = the cores do not scale, 2.0 = ideal)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-
-    def run(k):
-        ps = [subprocess.Popen([sys.executable, "-c", GEMM_LOOP], stdout=subprocess.PIPE,
-                               text=True, env=env) for _ in range(k)]
-        return max(float(p.communicate()[0]) for p in ps)
-
-    one = min(run(1) for _ in range(2))
-    two = min(run(2) for _ in range(2))
-    return 2 * one / two
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -103,7 +75,7 @@ def main(argv=None):
                          "iter_s": r["iter_s"], "blas": r["blas"]})
             print(f"  {n} rank(s) {wm}: {1 / step_s:.2f} frame steps/s"
                   + (f" units {spec['groups']}" if spec.get("groups") else ""), flush=True)
-    ceiling = machine_ceiling()
+    ceiling = common.machine_ceiling()
     print(f"machine ceiling: 2 independent single-threaded GEMM processes run "
           f"{ceiling:.2f}x the throughput of one (2 cores that do not scale are a hard limit "
           f"for any 2-rank speed-up)")

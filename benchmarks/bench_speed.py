@@ -61,8 +61,12 @@ def main(argv=None):
         runs.append({"algo": name, "ranks": n, "T": a.T, "steps_per_s": sps,
                      "iter_s": r["iter_s"], "blas": r["blas"],
                      "wait_s": [p["wait_s"] for p in r["per_rank"]],
-                     "compute_s": [p["compute_s"] for p in r["per_rank"]]})
+                     "compute_s": [p["compute_s"] for p in r["per_rank"]],
+                     "compute_by_unit": [p.get("compute_by_unit", {}) for p in r["per_rank"]]})
         print(f"  {name} on {n} rank(s): {sps:.3f} steps/s", flush=True)
+    ceiling = common.machine_ceiling()
+    print(f"machine ceiling: 2 single-threaded GEMM processes run {ceiling:.2f}x the "
+          "throughput of one (the performance model's effective core count)", flush=True)
     ref = next(x for x in runs if x["algo"] == "skip" and x["ranks"] == 1)["steps_per_s"]
     rows = [(x["algo"], x["ranks"], x["steps_per_s"], x["steps_per_s"] * a.T,
              x["steps_per_s"] / ref) for x in runs]
@@ -80,6 +84,7 @@ def main(argv=None):
         prof = {m: [asdict(c) for c in profile_units(Topology(spec, mode=m), a.batch)]
                 for m in ("skip", "sideways", "bp")}
     res = {"env": env, "args": vars(a), "runs": runs, "profile": prof, "cores": os.cpu_count(),
+           "effective_cores": ceiling,
            "blas": runs[0]["blas"],
            "model_desc": f"vgg8 width {a.width} {a.res}px batch {a.batch} T {a.T}"}
     print("wrote", common.save("speed", res, a.out))

@@ -67,6 +67,32 @@ def worker_env() -> dict:
     return env
 
 
+GEMM_LOOP = (
+    "import numpy as np, time\n"
+    "a = np.random.rand(1024, 1024).astype(np.float32)\n"
+    "a @ a\n"
+    "t = time.perf_counter()\n"
+    "for _ in range(30):\n"
+    "    a @ a\n"
+    "print(time.perf_counter() - t)\n")
+
+
+def machine_ceiling() -> float:
+    """Throughput of 2 concurrent single-threaded GEMM processes / 1 process: what two
+    ranks can gain at most on this machine (1.0 = the cores do not scale, 2.0 = ideal).
+    The performance model uses it as the machine's effective core count."""
+    env = worker_env()
+
+    def run(k):
+        ps = [subprocess.Popen([sys.executable, "-c", GEMM_LOOP], stdout=subprocess.PIPE,
+                               text=True, env=env) for _ in range(k)]
+        return max(float(p.communicate()[0]) for p in ps)
+
+    one = min(run(1) for _ in range(2))
+    two = min(run(2) for _ in range(2))
+    return 2 * one / two
+
+
 def run_worker(n: int, spec: dict, timeout: float = 900) -> dict:
     """Run ``spec`` on ``n`` ranks in a fresh ``mpiexec``; return rank 0's result dict."""
     with tempfile.TemporaryDirectory() as d:

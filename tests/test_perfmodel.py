@@ -61,6 +61,30 @@ def test_gpipe_bubble():
     assert pm.gpipe_iteration(_units(8), 16, 8, NOLINK, cores=2) == pytest.approx(16 * 24 / 2)
 
 
+def test_gpipe_micro_batches_of_clips():
+    P, T = 4, 12
+    u = _units(P)
+    # default: one micro-batch per frame
+    assert pm.gpipe_iteration(u, T, P, NOLINK, micro=T) == pm.gpipe_iteration(u, T, P, NOLINK)
+    # M = 3 micro-batches of 4 frame steps each: 4 * 3 per stage, bubble (M + P - 1)
+    assert pm.gpipe_iteration(u, T, P, NOLINK, micro=3) == pytest.approx(4 * 3 * (3 + P - 1))
+
+
+def test_calibration_reproduces_the_serial_run():
+    """Per-unit calibration makes the model reproduce the 1-rank run's per-unit seconds."""
+    costs = [pm.UnitCost(1.0, 2.0), pm.UnitCost(1.0, 2.0), pm.UnitCost(1.0, 2.0)]
+    T, L = 8, 3
+    run = {"T": T, "steps_per_s": 1 / 100.0,
+           "compute_by_unit": [{"1": 30.0, "2": 20.0, "3": 40.0}]}
+    cal, over = pm.calibrate(costs, run, "skip")
+    for l, c in enumerate(cal, start=1):
+        nf, nb = pm._step_counts(L, l, T, "skip")
+        assert c.f * nf + c.b * nb == pytest.approx(run["compute_by_unit"][0][str(l)])
+        assert c.b == pytest.approx(2 * c.f)  # the forward/VJP split of the profile is kept
+    assert over == pytest.approx(10.0)
+    assert pm.sideways_iteration(cal, T, 1, NOLINK, update_s=over) == pytest.approx(100.0)
+
+
 def test_bp_and_remat():
     u = _units(3)
     assert pm.bp_iteration(u, 5) == 5 * 9
