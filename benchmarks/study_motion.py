@@ -51,6 +51,7 @@ from mpi4py import MPI  # noqa: E402
 
 from ssmpi import data, models  # noqa: E402
 from ssmpi.bptt import BPTT  # noqa: E402
+from ssmpi.optim import make_optimizer  # noqa: E402
 from ssmpi.sideways import Engine  # noqa: E402
 from ssmpi.topology import Placement, Topology  # noqa: E402
 
@@ -71,13 +72,31 @@ VARIANTS = [
     ("T12", dict(T=12), ("skip", "bptt")),
     ("speed1", dict(speed=1), ("skip", "bptt", "twoframe")),
     ("width8", dict(width=8), ("skip", "bptt")),
-    ("leftright", dict(task="direction"), ("sideways", "skip", "bptt", "twoframe")),
+    ("leftright", dict(task="direction"),
+     ("sideways", "skip", "fa-skip", "bptt", "twoframe")),
 ]
+# the search (issue 8): what lets pseudo-gradients find *direction* (left vs right), where
+# base-setting Skip-Sideways stayed at chance and exact BPTT of the same model learned
+DIR = dict(task="direction", iters=2000)
+SEARCH = [
+    ("dir-long", dict(DIR, iters=3000), ("skip",)),
+    ("dir-lr2e-3", dict(DIR, lr=2e-3), ("skip", "bptt")),
+    ("dir-cosine", dict(DIR, lr=2e-3, sched="cosine", warmup=200), ("skip",)),
+    ("dir-unitlr", dict(DIR, unit_lr=[0.25, 0.25, 1, 1]), ("skip",)),
+    ("dir-freeze12", dict(DIR, unit_lr=[0, 0, 1, 1]), ("skip", "bptt")),
+    ("dir-clip", dict(DIR, clip=0.1), ("skip",)),
+    ("dir-T16", dict(DIR, T=16), ("skip", "bptt")),
+    ("dir-k3", dict(DIR, k=3), ("skip",)),
+    ("dir-curriculum", dict(DIR, curriculum=[1, 1000]), ("skip",)),
+    ("dir-bpttinit", dict(DIR, bptt_init=200), ("skip",)),
+]
+VARIANTS += SEARCH
 
 
 # -- data -----------------------------------------------------------------------------------
 def dataset(out: Path, cfg: dict) -> str:
     """Generate (once) the synthetic dataset of ``cfg``; returns its folder."""
+    cfg = {k: cfg[k] for k in ("task", "speed", "size", "square", "noise")}
     from data_prep import synthetic
 
     speeds = [0, cfg["speed"]] if cfg["task"] == "still" else [cfg["speed"]]
@@ -98,9 +117,27 @@ def two_frames(f):
 
 
 # -- models ---------------------------------------------------------------------------------
+def optimizer(cfg: dict, scale: float = 1.0) -> dict:
+    """Adam settings of ``cfg`` (lr x ``scale``; optional schedule, warm-up, clipping)."""
+    opt = dict(name="adam", lr=cfg["lr"] * scale, clip=cfg.get("clip", 0.0))
+    if cfg.get("sched", "constant") != "constant" or cfg.get("warmup"):
+        opt.update(schedule=cfg.get("sched", "constant"), warmup=cfg.get("warmup", 0),
+                   total=cfg["iters"])
+    return opt
+
+
 def build(method: str, cfg: dict, seed: int, ncls: int):
-    """The trainer object of ``method``: an Engine (serial) or a BPTT."""
-    opt = dict(name="adam", lr=cfg["lr"])
+    """The trainer object of ``method`` (an Engine, serial, or a BPTT), with per-unit learning
+    rates when ``cfg["unit_lr"]`` lists one multiplier per unit."""
+    model = _build(method, cfg, seed, ncls)
+    for l, m in enumerate(cfg.get("unit_lr") or [], start=1):
+        if l in model.units and method != "twoframe":
+            model.opt[l] = make_optimizer(model.units[l].theta, **optimizer(cfg, m))
+    return model
+
+
+def _build(method: str, cfg: dict, seed: int, ncls: int):
+    opt = optimizer(cfg)
     if method == "twoframe":
         spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"],
                            resolution=cfg["size"], channels=6)
@@ -143,19 +180,67 @@ def cosine(a, b) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
 
-def alignment(eng: Engine, twin: BPTT, frames, labels, T) -> dict:
-    """One training step of ``eng`` with, first, the cosine between its per-unit
-    pseudo-gradient and the exact BPTT gradient of the same parameters on the same clip."""
-    st = eng.run_clip(T, frames, labels, update=False)
-    pseudo = {l: np.asarray(u.grad / max(u.count, 1), np.float64) for l, u in eng.units.items()}
+def _pseudo(eng: Engine) -> dict:
+    return {l: np.asarray(u.grad / max(u.count, 1), np.float64) for l, u in eng.units.items()}
+
+
+def alignment(eng: Engine, twin: BPTT, frames, labels, T, ncls: int) -> tuple:
+    """One training step of ``eng`` with, first, per unit:
+
+    - ``cos``: cosine between its pseudo-gradient and the exact BPTT gradient of the same
+      parameters on the same clip;
+    - ``dcos`` (2 classes): the same for the *label-dependent* part of the gradient,
+      g(y) - g(1 - y): what changes when the labels flip. The class-independent part (e.g.
+      "make the logits smaller") dominates a whole-gradient cosine; this part is what must
+      carry the motion signal, and is the one a pseudo-gradient can get wrong while ``cos``
+      stays high."""
     twin.load_parameters(eng.parameters())
+    dcos = {}
+    if ncls == 2:  # flipped labels first (no update), then the real step
+        flipped = 1 - np.asarray(labels)
+        eng.run_clip(T, frames, flipped, update=False)
+        pf = _pseudo(eng)
+        for u in eng.units.values():
+            u.zero_grad()
+        twin.run_clip(T, frames, flipped, update=False)
+        ef = twin.gradients()
+    st = eng.run_clip(T, frames, labels, update=False)
+    pseudo = _pseudo(eng)
     twin.run_clip(T, frames, labels, update=False)
     exact = twin.gradients()
+    if ncls == 2:
+        dcos = {str(l): cosine(pseudo[l] - pf[l], exact[l] - ef[l]) for l in pseudo}
     eng.update()
-    return st, {str(l): cosine(pseudo[l], exact[l]) for l in pseudo}
+    return st, {str(l): cosine(pseudo[l], exact[l]) for l in pseudo}, dcos
 
 
 # -- one run --------------------------------------------------------------------------------
+def _loop(ds, cfg: dict, seed: int, n: int, step):
+    """Call ``step(batch)`` for ``n`` training batches of ``ds`` (epochs as needed)."""
+    ld = data.ClipLoader(ds, batch_size=cfg["batch"], clip_len=cfg["T"], train=True,
+                         flip=False, seed=seed)
+    done, ep = 0, 0
+    try:
+        while done < n:
+            for b in ld.epoch(ep):
+                step(b)
+                done += 1
+                if done >= n:
+                    break
+            ep += 1
+    finally:
+        ld.close()
+
+
+def _train(model, method: str, ds, cfg: dict, seed: int, n: int):
+    """Plain training of ``model`` for ``n`` iterations (a warm start)."""
+    def step(b):
+        f, TT = clip_for(method, b.frames, cfg["T"])
+        model.run_clip(TT, f, b.labels)
+    _loop(ds, cfg, seed, n, step)
+
+
+
 def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_every: int,
             align_every: int) -> dict:
     key = f"{variant}__{method}__s{seed}"
@@ -165,39 +250,45 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
     root = dataset(out, cfg)
     ds = data.open_dataset(root, "train")
     model = build(method, cfg, seed, ds.num_classes)
+    T, iters = cfg["T"], cfg["iters"]
+    if cfg.get("bptt_init") and method != "bptt":  # start from a short exact-BPTT phase
+        init = build("bptt", cfg, seed, ds.num_classes)
+        _train(init, "bptt", ds, cfg, seed, cfg["bptt_init"])
+        for l, p in init.parameters().items():
+            model.units[l].theta[...] = p
+    phases = [(ds, iters)]
+    if cfg.get("curriculum"):  # [speed, iterations]: first train on another speed
+        speed, n = cfg["curriculum"]
+        ds0 = data.open_dataset(dataset(out, dict(cfg, speed=speed)), "train")
+        phases = [(ds0, n), (ds, iters - n)]
     twin = None
     if align_every and method in ("skip", "skip-add", "fa-skip"):
         spec = models.tiny(ds.num_classes, units=cfg["units"], width=cfg["width"],
                            resolution=cfg["size"])
         twin = BPTT(Topology(spec, mode=ENGINE_MODES[method][0], k=cfg["k"],
                              fuse=ENGINE_MODES[method][1]), seed=seed)
-    ld = data.ClipLoader(ds, batch_size=cfg["batch"], clip_len=cfg["T"], train=True,
-                         flip=False, seed=seed)
-    T, iters = cfg["T"], cfg["iters"]
     curve, losses, align = [], [], []
     t0 = time.perf_counter()
-    it, ep = 0, 0
-    try:
-        while it < iters:
-            for b in ld.epoch(ep):
-                f, TT = clip_for(method, b.frames, T)
-                if twin is not None and it % align_every == 0:
-                    st, cos = alignment(model, twin, f, b.labels, TT)
-                    align.append({"it": it, "cos": cos})
-                else:
-                    st = model.run_clip(TT, f, b.labels)
-                losses.append(st.loss)
-                it += 1
-                if it % eval_every == 0 or it == iters:
-                    acc = evaluate(model, method, root, T, cfg["batch"])
-                    curve.append([it, acc])
-                    print(f"  {key} it {it}: acc {acc:.3f} loss "
-                          f"{np.mean(losses[-eval_every:]):.3f}", flush=True)
-                if it >= iters:
-                    break
-            ep += 1
-    finally:
-        ld.close()
+    it = 0
+
+    def step(b):
+        nonlocal it
+        f, TT = clip_for(method, b.frames, T)
+        if twin is not None and it % align_every == 0:
+            st, cos, dcos = alignment(model, twin, f, b.labels, TT, ds.num_classes)
+            align.append({"it": it, "cos": cos, "dcos": dcos})
+        else:
+            st = model.run_clip(TT, f, b.labels)
+        losses.append(st.loss)
+        it += 1
+        if it % eval_every == 0 or it == iters:
+            acc = evaluate(model, method, root, T, cfg["batch"])
+            curve.append([it, acc])
+            print(f"  {key} it {it}: acc {acc:.3f} loss "
+                  f"{np.mean(losses[-eval_every:]):.3f}", flush=True)
+
+    for pds, n in phases:
+        _loop(pds, cfg, seed, n, step)
     res = dict(key=key, variant=variant, method=method, seed=seed, cfg=cfg, curve=curve,
                final_acc=curve[-1][1], best_acc=max(a for _, a in curve),
                first_90=next((i for i, a in curve if a >= 0.9), None),
@@ -221,20 +312,25 @@ def report(out: Path):
         groups.setdefault((r["variant"], r["method"]), []).append(r)
     order = {v[0]: i for i, v in enumerate(VARIANTS)}
     lines = ["| variant | method | seeds | final acc (mean / each) | first eval >= 0.9 "
-             "(iterations, each) | mean pseudo/exact cosine U1..UL (last half) | s/run |",
-             "|---|---|---|---|---|---|---|"]
+             "(iterations, each) | mean pseudo/exact cosine U1..UL (last half) | same, "
+             "label-dependent part | s/run |",
+             "|---|---|---|---|---|---|---|---|"]
     for (v, m), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99),
                                                             METHODS.index(kv[0][1]))):
         rs = sorted(rs, key=lambda r: r["seed"])
         accs = [r["final_acc"] for r in rs]
         f90 = ", ".join(str(r["first_90"]) if r["first_90"] else "-" for r in rs)
-        cos = "-"
+        cos = dcos = "-"
         al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
         if al:
             units = sorted(al[0]["cos"], key=int)
             cos = " / ".join(f"{np.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
+            dl = [a for a in al if a.get("dcos")]
+            if dl:
+                dcos = " / ".join(f"{np.nanmean([a['dcos'][u] for a in dl]):.2f}"
+                                  for u in units)
         lines.append(f"| {v} | {m} | {len(rs)} | {np.mean(accs):.3f} / "
-                     f"{', '.join(f'{a:.3f}' for a in accs)} | {f90} | {cos} | "
+                     f"{', '.join(f'{a:.3f}' for a in accs)} | {f90} | {cos} | {dcos} | "
                      f"{np.mean([r['seconds'] for r in rs]):.0f} |")
     cfgs = {r["variant"]: r["cfg"] for r in runs}
     lines += ["", "Settings per variant (task still = speed 0 vs speed v; direction = left vs "
