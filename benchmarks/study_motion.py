@@ -89,6 +89,7 @@ SEARCH = [
     ("dir-k3", dict(DIR, k=3), ("skip",)),
     ("dir-curriculum", dict(DIR, curriculum=[1, 1000]), ("skip",)),
     ("dir-bpttinit", dict(DIR, bptt_init=200), ("skip",)),
+    ("dir-inputsc", dict(DIR, stem=True), ("skip", "bptt")),
 ]
 VARIANTS += SEARCH
 
@@ -117,6 +118,26 @@ def two_frames(f):
 
 
 # -- models ---------------------------------------------------------------------------------
+def tiny_spec(cfg: dict, ncls: int):
+    """The tiny model of ``cfg``. With ``cfg["stem"]`` a frozen identity unit (1x1 conv, 3
+    channels) goes first: the raw frame becomes a message, so a shortcut edge carries the
+    input frame x[t-2] (pooled by tau) into the first conv unit's successor. This is "the
+    input frames as an extra shortcut source": temporal mixing starts on raw pixels."""
+    spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"], resolution=cfg["size"])
+    if cfg.get("stem"):
+        spec.modules.insert(0, [("conv", 3, 1)])
+        spec.name += " + identity stem"
+    return spec
+
+
+def identity_stem(model):
+    """Set unit 1 (the stem) to the identity map; with learning rate 0 it stays so."""
+    for name, a in model.units[1].param_items():
+        a[...] = 0
+        if name.endswith("w"):
+            a.reshape(3, 3)[...] = np.eye(3, dtype=a.dtype)
+
+
 def optimizer(cfg: dict, scale: float = 1.0) -> dict:
     """Adam settings of ``cfg`` (lr x ``scale``; optional schedule, warm-up, clipping)."""
     opt = dict(name="adam", lr=cfg["lr"] * scale, clip=cfg.get("clip", 0.0))
@@ -130,7 +151,11 @@ def build(method: str, cfg: dict, seed: int, ncls: int):
     """The trainer object of ``method`` (an Engine, serial, or a BPTT), with per-unit learning
     rates when ``cfg["unit_lr"]`` lists one multiplier per unit."""
     model = _build(method, cfg, seed, ncls)
-    for l, m in enumerate(cfg.get("unit_lr") or [], start=1):
+    lrs = list(cfg.get("unit_lr") or [])
+    if cfg.get("stem") and method != "twoframe":
+        identity_stem(model)
+        lrs = [0.0] + (lrs or [1.0] * cfg["units"])
+    for l, m in enumerate(lrs, start=1):
         if l in model.units and method != "twoframe":
             model.opt[l] = make_optimizer(model.units[l].theta, **optimizer(cfg, m))
     return model
@@ -144,7 +169,7 @@ def _build(method: str, cfg: dict, seed: int, ncls: int):
         topo = Topology(spec, mode="bp")
         return Engine(topo, Placement(1, 1), MPI.COMM_SELF, batch=cfg["batch"], seed=seed,
                       optimizer=opt)
-    spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"], resolution=cfg["size"])
+    spec = tiny_spec(cfg, ncls)
     if method == "bptt":
         return BPTT(Topology(spec, mode="skip", k=cfg["k"], fuse="concat"), seed=seed,
                     optimizer=opt)
@@ -263,8 +288,7 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         phases = [(ds0, n), (ds, iters - n)]
     twin = None
     if align_every and method in ("skip", "skip-add", "fa-skip"):
-        spec = models.tiny(ds.num_classes, units=cfg["units"], width=cfg["width"],
-                           resolution=cfg["size"])
+        spec = tiny_spec(cfg, ds.num_classes)
         twin = BPTT(Topology(spec, mode=ENGINE_MODES[method][0], k=cfg["k"],
                              fuse=ENGINE_MODES[method][1]), seed=seed)
     curve, losses, align = [], [], []
