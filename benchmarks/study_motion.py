@@ -90,6 +90,10 @@ SEARCH = [
     ("dir-curriculum", dict(DIR, curriculum=[1, 1000]), ("skip",)),
     ("dir-bpttinit", dict(DIR, bptt_init=200), ("skip",)),
     ("dir-inputsc", dict(DIR, stem=True), ("skip", "bptt")),
+    # stream mode (no reset between clips, one update per unit every update_every steps)
+    ("stream", dict(stream=True), ("sideways", "skip")),
+    ("stream-u2", dict(stream=True, update_every=2), ("skip",)),
+    ("dir-stream", dict(DIR, stream=True), ("skip",)),
 ]
 VARIANTS += SEARCH
 
@@ -176,6 +180,7 @@ def _build(method: str, cfg: dict, seed: int, ncls: int):
     mode, fuse = ENGINE_MODES[method]
     topo = Topology(spec, mode=mode, k=cfg["k"], fuse=fuse)
     return Engine(topo, Placement(topo.L, 1), MPI.COMM_SELF, batch=cfg["batch"], seed=seed,
+                  update_every=cfg.get("update_every", cfg["T"]),
                   optimizer=opt)
 
 
@@ -286,8 +291,23 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         speed, n = cfg["curriculum"]
         ds0 = data.open_dataset(dataset(out, dict(cfg, speed=speed)), "train")
         phases = [(ds0, n), (ds, iters - n)]
+    stream = bool(cfg.get("stream")) and method in ENGINE_MODES
+    clock = [0]  # stream mode: the global step counter
+
+    def stream_clip(frames, labels):
+        """Feed one clip's frames as the next T steps of a never-reset stream (the previous
+        clip's activations are still in flight: the montage of ALGORITHM.md's stream mode);
+        each unit updates every ``update_every`` steps. Returns the clip's stats."""
+        if clock[0] == 0:
+            model.start_stream()
+        model.new_interval()
+        for s in range(T):
+            clock[0] += 1
+            st = model.stream_step(clock[0], frames[:, s], labels)
+        return st
+
     twin = None
-    if align_every and method in ("skip", "skip-add", "fa-skip"):
+    if align_every and method in ("skip", "skip-add", "fa-skip") and not stream:
         spec = tiny_spec(cfg, ds.num_classes)
         twin = BPTT(Topology(spec, mode=ENGINE_MODES[method][0], k=cfg["k"],
                              fuse=ENGINE_MODES[method][1]), seed=seed)
@@ -301,12 +321,15 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         if twin is not None and it % align_every == 0:
             st, cos, dcos = alignment(model, twin, f, b.labels, TT, ds.num_classes)
             align.append({"it": it, "cos": cos, "dcos": dcos})
+        elif stream:
+            st = stream_clip(f, b.labels)
         else:
             st = model.run_clip(TT, f, b.labels)
         losses.append(st.loss)
         it += 1
         if it % eval_every == 0 or it == iters:
             acc = evaluate(model, method, root, T, cfg["batch"])
+            clock[0] = 0  # evaluation ran reset-mode clips: restart the stream
             curve.append([it, acc])
             print(f"  {key} it {it}: acc {acc:.3f} loss "
                   f"{np.mean(losses[-eval_every:]):.3f}", flush=True)
