@@ -90,6 +90,10 @@ SEARCH = [
     ("dir-curriculum", dict(DIR, curriculum=[1, 1000]), ("skip",)),
     ("dir-bpttinit", dict(DIR, bptt_init=200), ("skip",)),
     ("dir-inputsc", dict(DIR, stem=True), ("skip", "bptt")),
+    # it learns, then drifts away (constant lr 1e-3): decay or a smaller lr
+    ("dir-inputsc-cosine", dict(DIR, stem=True, sched="cosine"), ("skip", "bptt")),
+    ("dir-inputsc-lr5e-4", dict(DIR, stem=True, lr=5e-4), ("skip",)),
+    ("dir-inputsc-sideways", dict(DIR, stem=True), ("sideways",)),
     # stream mode (no reset between clips, one update per unit every update_every steps)
     ("stream", dict(stream=True), ("sideways", "skip")),
     ("stream-u2", dict(stream=True, update_every=2), ("skip",)),
