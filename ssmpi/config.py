@@ -48,6 +48,8 @@ class ModelConfig:
     units: int = 8  # tiny, fullres: number of modules (conv modules + the head)
     num_classes: int = 0  # 0 = from the dataset
     s2d: bool = False  # vgg8: space-to-depth stem (Table 5)
+    input_unit: bool = False  # prepend a parameter-free identity unit: the shortcut U1->U3
+    #                           then carries the input frame (docs/FINDINGS.md)
 
 
 @dataclass

@@ -128,6 +128,19 @@ class ReLU(Layer):
         return ops.relu_bwd(res, dy), {}
 
 
+class Identity(Layer):
+    """y = x (a copy: the caller may reuse x's buffer). The parameter-free *input unit*
+    (:func:`ssmpi.models.with_input_unit`) is made of it."""
+
+    name = "identity"
+
+    def forward(self, x, train=True):
+        return x.copy(), None
+
+    def backward(self, res, dy, need_dx=True):
+        return (dy if need_dx else None), {}
+
+
 class MaxPool2d(Layer):
     name = "maxpool"
 

@@ -14,6 +14,7 @@ own layers from the same config:
     ("linear", dout)            fully connected
     ("dropout", p)              inverted dropout
     ("s2d", b)                  space-to-depth with block b
+    ("identity",)               y = x (the input unit, :func:`with_input_unit`)
 
 VGG8 (the paper's HMDB51/UCF101 backbone, 8 modules -> 8 units) at 112x112:
     U1 conv64 pool | U2 conv128 pool | U3 conv256 | U4 conv256 pool | U5 conv512 |
@@ -27,7 +28,8 @@ from typing import List, Tuple
 
 from . import layers as L
 
-__all__ = ["ModelSpec", "make_layers", "vgg8", "vgg16", "tiny", "fullres", "get_model", "MODELS"]
+__all__ = ["ModelSpec", "make_layers", "vgg8", "vgg16", "tiny", "fullres", "get_model",
+           "with_input_unit", "MODELS"]
 
 LayerDesc = Tuple
 Module = List[LayerDesc]
@@ -63,6 +65,8 @@ def make_layers(module: Module, seed: int = 0) -> List[L.Layer]:
             out.append(L.Linear(d[1]))
         elif kind == "dropout":
             out.append(L.Dropout(d[1], seed=seed))
+        elif kind == "identity":
+            out.append(L.Identity())
         elif kind == "s2d":
             out.append(L.SpaceToDepth(d[1] if len(d) > 1 else 2))
         else:
@@ -132,6 +136,17 @@ def fullres(units: int = 16, width: int = 64, resolution: int = 112,
     mods.append([("conv", 3, 3)])
     return ModelSpec(f"fullres(units={units}, width={width})", (resolution, resolution, 3), mods,
                      "frames", 0)
+
+
+def with_input_unit(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with a parameter-free identity module first: as unit U_1 it makes the raw
+    frame a message, so Skip-Sideways' shortcut edge U_1 -> U_3 carries the input frame
+    x[t-2] (max-pooled by tau to U_3's size) next to h_2[t-1]: temporal mixing starts on
+    raw pixels, one unit earlier (the "input frames as an extra shortcut source" of
+    FINDINGS.md). Costs one more unit (rank or group member) and one step of latency."""
+    return ModelSpec(spec.name + " + input unit", spec.in_shape, [[("identity",)]] +
+                     [list(m) for m in spec.modules], spec.head, spec.num_classes, spec.notes,
+                     dict(spec.extra))
 
 
 MODELS = {"vgg8": vgg8, "vgg16": vgg16, "tiny": tiny, "fullres": fullres}

@@ -48,6 +48,13 @@ def _limit_blas_threads(world_size: int):
 def build_model(cfg, num_classes: int, frame_hw):
     from . import models
 
+    spec = _base_model(cfg, num_classes, frame_hw)
+    return models.with_input_unit(spec) if cfg.model.input_unit else spec
+
+
+def _base_model(cfg, num_classes: int, frame_hw):
+    from . import models
+
     m = cfg.model
     res = int(frame_hw[0])
     if m.name == "vgg8":

@@ -9,18 +9,20 @@ any assert: the verdict is broadcast, then asserted on every rank.
 
 import numpy as np
 import pytest
-from engine_helpers import make_engine
+from engine_helpers import make_engine, small_spec
 from mpi4py import MPI
 
-from ssmpi import backend
+from ssmpi import backend, models
 
 backend.select("cpu")
 WORLD = MPI.COMM_WORLD
 
 
-def _train(comm, mode, fuse, L, stream, replicas=1, iters=3, seed=3, groups=None):
+def _train(comm, mode, fuse, L, stream, replicas=1, iters=3, seed=3, groups=None,
+           input_unit=False):
+    spec = models.with_input_unit(small_spec(L - 1)) if input_unit else None
     eng = make_engine(comm, L=L, mode=mode, fuse=fuse, replicas=replicas, update_every=3,
-                      seed=seed, optimizer=dict(name="adam", lr=1e-2),
+                      seed=seed, optimizer=dict(name="adam", lr=1e-2), spec=spec,
                       groups=groups if comm.Get_size() > replicas else None)
     T = 2 * L + 2
     losses = []
@@ -46,7 +48,7 @@ def _train(comm, mode, fuse, L, stream, replicas=1, iters=3, seed=3, groups=None
     return eng.gather_parameters(), losses
 
 
-def _compare(P, mode, fuse, L, stream, replicas=1, groups=None):
+def _compare(P, mode, fuse, L, stream, replicas=1, groups=None, input_unit=False):
     """Pipelined on P*replicas ranks vs the serial executor with the same replicas."""
     need = P * replicas
     ok, why = True, ""
@@ -55,10 +57,11 @@ def _compare(P, mode, fuse, L, stream, replicas=1, groups=None):
     sub = WORLD.Split(0 if WORLD.rank < need else MPI.UNDEFINED, WORLD.rank)
     ref = WORLD.Split(0 if WORLD.rank < replicas else MPI.UNDEFINED, WORLD.rank)
     if ref != MPI.COMM_NULL:
-        ser = _train(ref, mode, fuse, L, stream, replicas)
+        ser = _train(ref, mode, fuse, L, stream, replicas, input_unit=input_unit)
         ref.Free()
     if sub != MPI.COMM_NULL:
-        par = _train(sub, mode, fuse, L, stream, replicas, groups=groups)
+        par = _train(sub, mode, fuse, L, stream, replicas, groups=groups,
+                     input_unit=input_unit)
         sub.Free()
     if WORLD.rank == 0:
         for l in ser[0]:
@@ -115,4 +118,14 @@ def test_replicas_times_depth(stream):
 def test_non_contiguous_placement(groups, stream):
     """Cost-balanced placements put non-neighbouring units on a rank: same results."""
     ok, why = _compare(2, "skip", "concat", 4, stream, groups=groups)
+    assert ok, why
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stream", [False, True], ids=["reset", "stream"])
+def test_input_unit_placement_independence(stream):
+    """The parameter-free input unit and its frame shortcut U1 -> U3 over MPI."""
+    P = min(4, WORLD.size)
+    ok, why = _compare(P, "skip", "concat", 4, stream, input_unit=True)
     assert ok, why
