@@ -94,6 +94,10 @@ SEARCH = [
     ("dir-inputsc-cosine", dict(DIR, stem=True, sched="cosine"), ("skip", "bptt")),
     ("dir-inputsc-lr5e-4", dict(DIR, stem=True, lr=5e-4), ("skip",)),
     ("dir-inputsc-sideways", dict(DIR, stem=True), ("sideways",)),
+    # expected-gradient probes along the skip and the BPTT trajectories (see probe())
+    ("probe-dir", dict(DIR, iters=1200, probe=200), ("skip", "bptt")),
+    ("probe-dir-inputsc", dict(DIR, iters=1200, stem=True, probe=200), ("skip", "bptt")),
+    ("probe-still", dict(iters=1200, probe=200), ("skip", "bptt")),
     # stream mode (no reset between clips, one update per unit every update_every steps)
     ("stream", dict(stream=True), ("sideways", "skip")),
     ("stream-u2", dict(stream=True, update_every=2), ("skip",)),
@@ -248,6 +252,37 @@ def alignment(eng: Engine, twin: BPTT, frames, labels, T, ncls: int) -> tuple:
     return st, {str(l): cosine(pseudo[l], exact[l]) for l in pseudo}, dcos
 
 
+def probe(eng: Engine, twin: BPTT, batches, T) -> dict:
+    """Expected-gradient alignment at the current parameters (no update): over a fixed set
+    of training clips, per unit, the cosine between the *summed* pseudo-gradients and the
+    summed exact BPTT gradients (``ecos``), and each one's consistency ||sum g_i|| /
+    sum ||g_i|| (``snr_pseudo``, ``snr_exact``: 1 = every clip pushes the same way, ~1/sqrt(K)
+    = no consistent direction). A per-clip cosine is dominated by what the two share on that
+    clip (fitting its particular labels); the summed gradient keeps what generalises."""
+    L = eng.L
+    sp = {l: 0.0 for l in range(1, L + 1)}
+    se = {l: 0.0 for l in range(1, L + 1)}
+    np_, ne = dict(sp), dict(se)
+    for f, y in batches:
+        for u in eng.units.values():
+            u.zero_grad()
+        eng.run_clip(T, f, y, update=False)
+        gp = _pseudo(eng)
+        twin.run_clip(T, f, y, update=False)
+        ge = twin.gradients()
+        for l in sp:
+            sp[l] = sp[l] + gp[l]
+            se[l] = se[l] + ge[l]
+            np_[l] += float(np.linalg.norm(gp[l]))
+            ne[l] += float(np.linalg.norm(ge[l]))
+    for u in eng.units.values():
+        u.zero_grad()
+    return {str(l): {"ecos": cosine(sp[l], se[l]),
+                     "snr_pseudo": float(np.linalg.norm(sp[l])) / max(np_[l], 1e-30),
+                     "snr_exact": float(np.linalg.norm(se[l])) / max(ne[l], 1e-30)}
+            for l in sp if np.size(sp[l]) > 1}
+
+
 # -- one run --------------------------------------------------------------------------------
 def _loop(ds, cfg: dict, seed: int, n: int, step):
     """Call ``step(batch)`` for ``n`` training batches of ``ds`` (epochs as needed)."""
@@ -315,12 +350,28 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         spec = tiny_spec(cfg, ds.num_classes)
         twin = BPTT(Topology(spec, mode=ENGINE_MODES[method][0], k=cfg["k"],
                              fuse=ENGINE_MODES[method][1]), seed=seed)
-    curve, losses, align = [], [], []
+    curve, losses, align, probes = [], [], [], []
     t0 = time.perf_counter()
     it = 0
+    shadow = shadow_twin = None
+    if cfg.get("probe"):  # fixed clips, and an engine + BPTT pair that shares the parameters
+        shadow = build("skip", dict(cfg, unit_lr=None), seed, ds.num_classes)
+        shadow_twin = BPTT(shadow.topo, seed=seed)
+        pb = []
+        _loop(ds, dict(cfg), seed + 1000, cfg.get("probe_batches", 16),
+              lambda b: pb.append((b.frames.copy(), b.labels.copy())))
+
+    def do_probe():
+        params = model.parameters()
+        for l, p in params.items():
+            shadow.units[l].theta[...] = p
+        shadow_twin.load_parameters(params)
+        probes.append({"it": it, "units": probe(shadow, shadow_twin, pb, T)})
 
     def step(b):
         nonlocal it
+        if shadow is not None and it % cfg["probe"] == 0:
+            do_probe()
         f, TT = clip_for(method, b.frames, T)
         if twin is not None and it % align_every == 0:
             st, cos, dcos = alignment(model, twin, f, b.labels, TT, ds.num_classes)
@@ -344,7 +395,7 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
                final_acc=curve[-1][1], best_acc=max(a for _, a in curve),
                first_90=next((i for i, a in curve if a >= 0.9), None),
                loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
-               align=align, seconds=round(time.perf_counter() - t0, 1),
+               align=align, probes=probes, seconds=round(time.perf_counter() - t0, 1),
                command=" ".join(["python", "benchmarks/study_motion.py"] + sys.argv[1:]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
