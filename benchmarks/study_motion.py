@@ -11,7 +11,11 @@ Methods (all serial, one process; placement does not change the mathematics):
 - ``bptt``          the same unrolled temporal model as ``skip`` (same units, edges, timing,
                     init) trained with exact backprop through time (:mod:`ssmpi.bptt`);
 - ``twoframe``      a CNN with the same modules fed [frame t, frame t-1] (6 channels),
-                    exact per-step backprop (an upper reference: what two frames allow).
+                    exact per-step backprop (an upper reference: what two frames allow);
+- ``causal3d``      the causal 3D twin of the same modules (every conv a causal conv3d,
+                    kt = 3: a frame sees itself and the 2 before it, per layer), trained by
+                    exact backprop through the clip (ssmpi.baselines.CausalBP); the loss is
+                    the mean over the clip's frames, the prediction the mean softmax.
 
 Dataset: ``data_prep.synthetic motion`` (generated once under ``--data``). Every run writes
 ``<out>/runs/<key>.json`` (config, accuracy curve, training loss, gradient alignment) and is
@@ -56,7 +60,7 @@ from ssmpi.sideways import Engine  # noqa: E402
 from ssmpi.topology import Placement, Topology  # noqa: E402
 
 DATA = Path(os.environ.get("SSMPI_STUDY_DATA", "/tmp/ssmpi_study_motion_data"))
-METHODS = ("sideways", "skip", "skip-add", "fa-skip", "bptt", "twoframe")
+METHODS = ("sideways", "skip", "skip-add", "fa-skip", "bptt", "twoframe", "causal3d")
 ENGINE_MODES = {"sideways": ("sideways", "concat"), "skip": ("skip", "concat"),
                 "skip-add": ("skip", "add"), "fa-skip": ("fa-skip", "concat")}
 
@@ -73,7 +77,7 @@ VARIANTS = [
     ("speed1", dict(speed=1), ("skip", "bptt", "twoframe")),
     ("width8", dict(width=8), ("skip", "bptt")),
     ("leftright", dict(task="direction"),
-     ("sideways", "skip", "fa-skip", "bptt", "twoframe")),
+     ("sideways", "skip", "fa-skip", "bptt", "twoframe", "causal3d")),
 ]
 # the search (issue 8): what lets pseudo-gradients find *direction* (left vs right), where
 # base-setting Skip-Sideways stayed at chance and exact BPTT of the same model learned
@@ -173,8 +177,32 @@ def build(method: str, cfg: dict, seed: int, ncls: int):
     return model
 
 
+class Causal3D:
+    """:class:`ssmpi.baselines.CausalBP` behind the study's ``run_clip`` interface."""
+
+    def __init__(self, cfg: dict, seed: int, ncls: int):
+        from types import SimpleNamespace
+
+        from ssmpi.baselines import CausalBP, causal3d
+        spec = causal3d("tiny", kt=3, num_classes=ncls, units=cfg["units"],
+                        width=cfg["width"], resolution=cfg["size"])
+        self.cb = CausalBP(spec, batch=cfg["batch"], seed=seed, optimizer=optimizer(cfg))
+        self.units, self._ns = {}, SimpleNamespace
+
+    def run_clip(self, T, frames, labels, *, train=True, update=True):
+        if train:
+            losses = self.cb.run_clip(T, frames, labels, update=update)
+            return self._ns(loss=float(np.mean(losses)), probs=None)
+        z = np.asarray(self.cb.logits(frames[:, :T]), np.float64)  # (N, T, K)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return self._ns(loss=float("nan"), probs=p.mean(1))
+
+
 def _build(method: str, cfg: dict, seed: int, ncls: int):
     opt = optimizer(cfg)
+    if method == "causal3d":
+        return Causal3D(cfg, seed, ncls)
     if method == "twoframe":
         spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"],
                            resolution=cfg["size"], channels=6)
