@@ -5,10 +5,10 @@
 #   ./run.sh --set optim.lr=1e-3   # extra options go to both trainings (python -m ssmpi.train)
 #   RANKS=4 ./run.sh               # another rank count (must fit the model: see --dry-run)
 #
-# 1. writes the synthetic `motion` dataset to data/motion (if missing): a textured square on
-#    a textured background that either stands still (class 0) or moves right at 2 px/frame
-#    (class 1); its position is uniform in every frame, so no single frame reveals the
-#    class and a single-frame model is at chance by construction;
+# 1. writes the synthetic `motion` dataset to data/direction (if missing): a textured square
+#    on a textured background that moves right (class 0) or left (class 1) at 2 px/frame;
+#    its position is uniform in every frame, so no single frame reveals the class and a
+#    single-frame model is at chance by construction;
 # 2. trains Sideways and Skip-Sideways (same model, same seed, same data) on $RANKS ranks;
 # 3. evaluates both on the test split and prints a table; writes curves to runs/demo-*/.
 set -euo pipefail
@@ -16,11 +16,11 @@ cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
 RANKS="${RANKS:-8}"
-DATA="${DATA:-data/motion}"
+DATA="${DATA:-data/direction}"
 OUT="${OUT:-runs}"
-CONFIG="${CONFIG:-jobs/configs/demo_motion.toml}"
+CONFIG="${CONFIG:-jobs/configs/demo_direction.toml}"
 # the dataset: python -m data_prep.synthetic motion --help
-DATA_ARGS="${DATA_ARGS:---size 16 --classes 2 --speeds 0,2 --square 8 --noise 0.02 --frames 16 --videos 2048 --test-videos 512}"
+DATA_ARGS="${DATA_ARGS:---size 16 --classes 2 --speeds 2 --square 8 --noise 0.02 --frames 16 --videos 2048 --test-videos 512}"
 
 if ! command -v mpiexec >/dev/null; then
   echo "run.sh: mpiexec not found: pip install -e '.[test]' (MPICH wheel) or load your MPI" >&2
@@ -57,7 +57,8 @@ print(f"{'mode':<10} {'test clip acc':>14} {'video acc':>10} {'test loss':>10} "
       f"{'frames/s':>9} {'seconds':>8}")
 for r in rows:
     print(f"{r[0]:<10} {r[1]:>14.3f} {r[2]:>10.3f} {r[3]:>10.3f} {r[4]:>9.0f} {r[5]:>8.1f}")
-print("\nchance is 50% (2 classes). Sideways sees one frame per forward pass and cannot tell the"
-      "\nmotion; Skip-Sideways' shortcut edges bring older frames to the upper units.")
+print("\nchance is 50% (2 classes). Sideways sees one frame per forward pass and cannot tell"
+      "\nleft from right; Skip-Sideways' shortcut edges bring older frames to the upper units"
+      "\n(here the input frame itself: model.input_unit), and it learns the direction.")
 PY
 python -m ssmpi.plot "$OUT/demo-sideways" "$OUT/demo-skip" --out "$OUT" || true
