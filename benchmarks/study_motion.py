@@ -98,6 +98,9 @@ SEARCH = [
     ("dir-inputsc-cosine", dict(DIR, stem=True, sched="cosine"), ("skip", "bptt")),
     ("dir-inputsc-lr5e-4", dict(DIR, stem=True, lr=5e-4), ("skip",)),
     ("dir-inputsc-sideways", dict(DIR, stem=True), ("sideways",)),
+    # the input shortcut with the first conv unit frozen (its pseudo-gradient turns
+    # against the exact one once direction is learned)
+    ("dir-inputsc-freeze1", dict(DIR, stem=True, unit_lr=[0, 1, 1, 1]), ("skip",)),
     # expected-gradient probes along the skip and the BPTT trajectories (see probe())
     ("probe-dir", dict(DIR, iters=1200, probe=200), ("skip", "bptt")),
     ("probe-dir-inputsc", dict(DIR, iters=1200, stem=True, probe=200), ("skip", "bptt")),
