@@ -33,6 +33,7 @@ matplotlib imports.
     python benchmarks/study_frames.py --quick             # a smoke test (~1 minute)
     python benchmarks/study_frames.py --only base --seeds 0 --iters 200
     python benchmarks/study_frames.py --report-only       # rebuild table and plots
+    python benchmarks/study_frames.py --align-probe 1,0.5,0.25,0   # pseudo/exact cosine
 
 Gradient alignment (``--align-every N``, for the engine runs): every N iterations the engine
 runs the clip with ``update=False``; its per-unit pseudo-gradient (accumulated grad / valid
@@ -79,6 +80,7 @@ BASE = dict(size=24, glyphs=2, speed=0.5, noise=0.02, frames=32, train_videos=10
 VARIANTS = [
     ("base", {}, ("sideways", "skip", "bptt"), None),
     ("speed1", dict(speed=1.0), ("sideways", "skip", "bptt"), (0,)),
+    ("speed0.25", dict(speed=0.25), ("sideways", "skip", "bptt"), (0,)),
 ]
 
 
@@ -260,6 +262,58 @@ def write_json(path: Path, obj):
     tmp.replace(path)
 
 
+# -- alignment probe ------------------------------------------------------------------------
+def align_probe(out: Path, speeds, npre: int, nclips: int = 6, seed: int = 0) -> dict:
+    """How well the engine's pseudo-gradients point along the exact gradient, by the speed of
+    the digits. For each speed and each of sideways / skip: parameters at init and after
+    ``npre`` iterations of exact BPTT training of the same model; at those parameters, the
+    cosine per unit between the engine's pseudo-gradient and the BPTT gradient, averaged
+    over ``nclips`` training clips. Written to ``<out>/align_probe.json``."""
+    path = out / "align_probe.json"
+    res = json.loads(path.read_text()) if path.exists() else {"npre": npre, "rows": []}
+    have = {(r["speed"], r["phase"], r["method"]) for r in res["rows"]}
+    for speed in speeds:
+        cfg = dict(BASE, speed=speed, train_videos=256, test_videos=32)
+        phases = ("init", f"bptt{npre}")
+        if all((speed, ph, m) in have for ph in phases for m in ("sideways", "skip")):
+            continue
+        ld = loader(dataset(cfg), "train", cfg, train=True, seed=seed)
+        clips, ep = [], 0
+        try:
+            while len(clips) < npre + nclips:
+                clips += [b.frames for b in ld.epoch(ep)]
+                ep += 1
+        finally:
+            ld.close()
+        for m, pm in (("sideways", "bptt-sideways"), ("skip", "bptt")):
+            pre = build(pm, cfg, seed)
+            for ph in phases:
+                if ph != "init":
+                    for f in clips[:npre]:
+                        run(pre, cfg["T"], f)
+                eng, twin = build(m, cfg, seed), build(pm, cfg, seed)
+                cs = []
+                for f in clips[npre:npre + nclips]:
+                    for l, u in eng.units.items():
+                        u.theta[...] = pre.units[l].theta
+                    run(eng, cfg["T"], f, update=False)
+                    pseudo = {l: np.asarray(u.grad / max(u.count, 1), np.float64)
+                              for l, u in eng.units.items()}
+                    for u in eng.units.values():
+                        u.zero_grad()
+                    twin.load_parameters(eng.parameters())
+                    run(twin, cfg["T"], f, update=False)
+                    exact = twin.gradients()
+                    cs.append([cosine(pseudo[l], exact[l]) for l in sorted(pseudo)])
+                row = dict(speed=speed, phase=ph, method=m,
+                           cos=[float(c) for c in np.mean(cs, axis=0)])
+                print(f"  align probe speed {speed} {ph} {m}: "
+                      + " / ".join(f"{c:.2f}" for c in row["cos"]), flush=True)
+                res["rows"].append(row)
+        write_json(path, res)
+    return res
+
+
 # -- report ---------------------------------------------------------------------------------
 def report(out: Path):
     allr = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
@@ -298,6 +352,18 @@ def report(out: Path):
               "", "Settings per variant:", ""]
     for v, c in sorted(cfgs.items(), key=lambda kv: order.get(kv[0], 99)):
         lines.append(f"- {v}: " + ", ".join(f"{k}={c[k]}" for k in sorted(c)))
+    if (out / "align_probe.json").exists():
+        ap = json.loads((out / "align_probe.json").read_text())
+        lines += ["", f"Alignment probe (--align-probe): cosine(pseudo-gradient, exact BPTT "
+                  f"gradient) per unit, mean over 6 training clips, at init and after "
+                  f"{ap['npre']} iterations of exact BPTT training of the same model "
+                  "(base model and clips, 256 training videos, seed 0, speed varied):", "",
+                  "| speed (px/frame) | parameters | method | cosine U1 .. UL |",
+                  "|---|---|---|---|"]
+        for r in sorted(ap["rows"], key=lambda r: (-r["speed"], r["phase"] != "init",
+                                                   r["method"])):
+            lines.append(f"| {r['speed']} | {r['phase']} | {r['method']} | "
+                         + " / ".join(f"{c:.2f}" for c in r["cos"]) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -368,6 +434,10 @@ def main(argv=None):
     p.add_argument("--align-every", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="tiny smoke run into <out>/quick")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--align-probe", default="",
+                   help="comma-separated speeds: run only the alignment probe (e.g. 1,0.5,0.25,0)")
+    p.add_argument("--probe-pretrain", type=int, default=100,
+                   help="BPTT iterations before the second probe point")
     a = p.parse_args(argv)
     global DATA
     DATA = a.data or DATA
@@ -375,7 +445,9 @@ def main(argv=None):
     if a.quick:
         out = out / "quick"
         a.iters, a.eval_every, a.align_every, a.seeds = 20, 10, 10, "0"
-    if not a.report_only:
+    if a.align_probe:
+        align_probe(out, [float(v) for v in a.align_probe.split(",") if v], a.probe_pretrain)
+    elif not a.report_only:
         only = [v for v in a.only.split(",") if v]
         meths = [m for m in a.methods.split(",") if m]
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
