@@ -116,18 +116,21 @@ VARIANTS += SEARCH
 # -- data -----------------------------------------------------------------------------------
 def dataset(out: Path, cfg: dict) -> str:
     """Generate (once) the synthetic dataset of ``cfg``; returns its folder."""
+    videos = cfg.get("videos", (2048, 512))
     cfg = {k: cfg[k] for k in ("task", "speed", "size", "square", "noise")}
     from data_prep import synthetic
 
     speeds = [0, cfg["speed"]] if cfg["task"] == "still" else [cfg["speed"]]
     name = f"{cfg['task']}_s{cfg['size']}_v{cfg['speed']}_q{cfg['square']}_n{cfg['noise']}"
+    if tuple(videos) != (2048, 512):
+        name += f"_{videos[0]}_{videos[1]}"
     root = DATA / name
     if not (root / "manifest.json").exists():
         params = {"size": [cfg["size"]] * 2, "frames": 16, "noise": cfg["noise"],
                   "subsample": 1, "seed": 0, "classes": 2, "speeds": speeds,
                   "square": cfg["square"]}
-        synthetic.generate("motion", root, splits={"train": 2048, "test": 512}, params=params,
-                           shards=5, quiet=True)
+        synthetic.generate("motion", root, splits={"train": videos[0], "test": videos[1]},
+                           params=params, shards=5, quiet=True)
     return str(root)
 
 
@@ -359,7 +362,7 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
     phases = [(ds, iters)]
     if cfg.get("curriculum"):  # [speed, iterations]: first train on another speed
         speed, n = cfg["curriculum"]
-        ds0 = data.open_dataset(dataset(out, dict(cfg, speed=speed)), "train")
+        ds0 = data.open_dataset(dataset(out, dict(cfg, speed=speed)), "train")  # same videos
         phases = [(ds0, n), (ds, iters - n)]
     stream = bool(cfg.get("stream")) and method in ENGINE_MODES
     clock = [0]  # stream mode: the global step counter
@@ -553,6 +556,11 @@ def main(argv=None):
             cfg = dict(BASE, **over)
             if a.iters:
                 cfg["iters"] = a.iters
+            if a.quick:  # small datasets, fewer probe clips: a smoke test of the machinery
+                cfg.update(videos=(64, 32), probe_batches=2, probe=min(cfg.get("probe", 0), 20),
+                           **({"curriculum": [cfg["curriculum"][0], 20]}
+                              if cfg.get("curriculum") else {}),
+                           **({"bptt_init": 5} if cfg.get("bptt_init") else {}))
             for m in methods:
                 if meths and m not in meths:
                     continue

@@ -1,0 +1,54 @@
+"""Smoke tests of the study scripts (issue 8): they run end to end on tiny datasets, write
+their per-run JSON and report, and what they measure has the properties it must have."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+def _run(script, *args, timeout=600):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=ENV,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.timeout(900)
+def test_study_motion_quick(tmp_path):
+    _run("study_motion.py", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "d"),
+         "--only", "base,probe-dir,dir-inputsc-freeze1,stream")
+    runs = tmp_path / "quick" / "runs"
+    keys = {p.stem for p in runs.glob("*.json")}
+    for m in ("sideways", "skip", "skip-add", "fa-skip", "bptt", "twoframe", "causal3d"):
+        assert f"base__{m}__s0" in keys
+    assert {"probe-dir__skip__s0", "probe-dir__bptt__s0", "dir-inputsc-freeze1__skip__s0",
+            "stream__skip__s0"} <= keys
+    skip = json.loads((runs / "base__skip__s0.json").read_text())
+    assert [it for it, _ in skip["curve"]] == [20, 40]
+    assert all(0 <= a <= 1 for _, a in skip["curve"])
+    # the head gets the exact loss gradient: its pseudo/exact cosine is 1 by construction
+    assert skip["align"] and all(a["cos"]["4"] > 0.999 for a in skip["align"])
+    assert all(abs(a["dcos"]["4"] - 1) < 1e-3 for a in skip["align"])
+    probe = json.loads((runs / "probe-dir__bptt__s0.json").read_text())
+    assert [p["it"] for p in probe["probes"]] == [0, 20]
+    assert all(p["units"]["4"]["ecos"] > 0.999 for p in probe["probes"])
+    # the frozen identity stem stays the identity, the input shortcut exists (5 units)
+    frz = json.loads((runs / "dir-inputsc-freeze1__skip__s0.json").read_text())
+    assert frz["cfg"]["stem"] and len(frz["align"][0]["cos"]) == 5
+    assert (tmp_path / "quick" / "results.md").read_text().count("| base |") == 7
+
+
+@pytest.mark.timeout(900)
+def test_study_frames_quick(tmp_path):
+    _run("study_frames.py", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "d"))
+    runs = sorted((tmp_path / "quick" / "runs").glob("*.json"))
+    assert runs
+    res = (tmp_path / "quick" / "results.md").read_text()
+    assert "sideways" in res and "skip" in res and "bptt" in res
