@@ -58,7 +58,9 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402  (benchmarks/common.py: shared plotting)
 from mpi4py import MPI  # noqa: E402
 
 from ssmpi import data, models  # noqa: E402
@@ -397,25 +399,7 @@ def report(out: Path):
     axes[0][0].set_ylabel("test L2 (frame t+8)")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
-    al_runs = [r for r in runs if r["align"]]
-    if al_runs:
-        ncol = min(4, len(al_runs))
-        nrow = -(-len(al_runs) // ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
-        for ax in axes.flat[len(al_runs):]:
-            ax.set_visible(False)
-        for ax, r in zip(axes.flat, al_runs):
-            its = [a["it"] for a in r["align"]]
-            for u in sorted(r["align"][0]["cos"], key=int):
-                ax.plot(its, [a["cos"][u] for a in r["align"]], label=f"U{u}")
-            ax.set_title(r["key"], fontsize=8)
-            ax.set_xlabel("iteration")
-            ax.set_ylim(-1, 1)
-            ax.axhline(0, color="gray", lw=0.5)
-        axes[0][0].set_ylabel("cos(pseudo-grad, BPTT grad)")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "alignment.png", dpi=90)
+    common.plot_alignment([r for r in runs if r["align"]], out / "alignment.png")
 
 
 def main(argv=None):

@@ -50,7 +50,9 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402  (benchmarks/common.py: shared plotting)
 from mpi4py import MPI  # noqa: E402
 
 from ssmpi import data, models  # noqa: E402
@@ -439,6 +441,13 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
 
 
 # -- report ---------------------------------------------------------------------------------
+def _nanmean(xs) -> float:
+    """Mean of the finite values (nan when there are none, e.g. a unit without parameters)."""
+    xs = [x for x in xs if x == x]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+
 def report(out: Path):
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     if not runs:
@@ -460,10 +469,10 @@ def report(out: Path):
         al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
         if al:
             units = sorted(al[0]["cos"], key=int)
-            cos = " / ".join(f"{np.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
+            cos = " / ".join(f"{_nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
             dl = [a for a in al if a.get("dcos")]
             if dl:
-                dcos = " / ".join(f"{np.nanmean([a['dcos'][u] for a in dl]):.2f}"
+                dcos = " / ".join(f"{_nanmean([a['dcos'][u] for a in dl]):.2f}"
                                   for u in units)
         lines.append(f"| {v} | {m} | {len(rs)} | {np.mean(accs):.3f} / "
                      f"{', '.join(f'{a:.3f}' for a in accs)} | {f90} | {cos} | {dcos} | "
@@ -504,25 +513,7 @@ def report(out: Path):
     axes[0][0].set_ylabel("test clip accuracy")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
-    al_runs = [r for r in runs if r["align"]]
-    if al_runs:
-        ncol = min(4, len(al_runs))
-        nrow = -(-len(al_runs) // ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
-        for ax in axes.flat[len(al_runs):]:
-            ax.set_visible(False)
-        for ax, r in zip(axes.flat, al_runs):
-            its = [a["it"] for a in r["align"]]
-            for u in sorted(r["align"][0]["cos"], key=int):
-                ax.plot(its, [a["cos"][u] for a in r["align"]], label=f"U{u}")
-            ax.set_title(r["key"], fontsize=8)
-            ax.set_xlabel("iteration")
-            ax.set_ylim(-1, 1)
-            ax.axhline(0, color="gray", lw=0.5)
-        axes[0][0].set_ylabel("cos(pseudo-grad, BPTT grad)")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "alignment.png", dpi=90)
+    common.plot_alignment([r for r in runs if r["align"]], out / "alignment.png")
 
 
 def main(argv=None):
