@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
@@ -19,21 +21,8 @@ from ssmpi.bptt import BPTT
 from ssmpi.sideways import Engine
 from ssmpi.topology import Placement, Topology
 
-
-def evaluate(eng, root, T, batch, split="test"):
-    """Clip accuracy of the engine on a split (centred clips)."""
-    ld = data.ClipLoader(data.open_dataset(root, split), batch_size=batch, clip_len=T,
-                         train=False, flip=False, drop_last=False)
-    c = n = 0
-    try:
-        for b in ld.epoch(0):
-            st = eng.run_clip(T, b.frames, b.labels, train=False)
-            m = b.video >= 0
-            c += int((st.probs.argmax(1)[m] == b.labels[m]).sum())
-            n += int(m.sum())
-    finally:
-        ld.close()
-    return c / max(n, 1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from study_motion import evaluate  # noqa: E402  (clip accuracy on the test split)
 
 
 def main(argv=None):
@@ -73,7 +62,7 @@ def main(argv=None):
             losses.append(st.loss)
             it += 1
             if it % a.eval_every == 0 or it == a.iters:
-                acc = evaluate(eng, a.root, a.T, a.batch)
+                acc = evaluate(eng, a.mode, a.root, a.T, a.batch)
                 hist.append((it, round(acc, 3), round(float(np.mean(losses[-50:])), 3)))
                 print(json.dumps(dict(it=it, acc=hist[-1][1], loss=hist[-1][2],
                                       s=round(time.perf_counter() - t0, 1))), flush=True)

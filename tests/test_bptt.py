@@ -60,6 +60,24 @@ def test_forward_equals_engine(mode, fuse, k):
     np.testing.assert_allclose(sb.probs, se.probs, rtol=1e-12)
 
 
+def _check_directional(b, objective, rng, case, eps=1e-6):
+    """BPTT's gradient (``b.gradients()`` after ``run_clip(update=False)``) against central
+    differences of ``objective()`` along 2 random directions per unit."""
+    grads = b.gradients()
+    for l, u in b.units.items():
+        for _ in range(2):
+            v = rng.standard_normal(u.theta.shape)
+            theta0 = u.theta.copy()
+            u.theta[...] = theta0 + eps * v
+            jp = objective()
+            u.theta[...] = theta0 - eps * v
+            jm = objective()
+            u.theta[...] = theta0
+            num = (jp - jm) / (2 * eps)
+            ana = float(grads[l] @ v)
+            assert abs(ana - num) <= 1e-7 + 1e-6 * abs(num), (*case, l, ana, num)
+
+
 def _objective(b, T, frames, labels):
     return float(np.mean(b.run_clip(T, frames, labels, train=False).losses))
 
@@ -72,20 +90,7 @@ def test_gradient_matches_finite_differences(mode, fuse, k):
     b = _bptt(mode, fuse, k)
     st = b.run_clip(T, frames, labels, update=False)
     assert all(c == 1 for c in st.counts.values())
-    grads = b.gradients()
-    eps = 1e-6
-    for l, u in b.units.items():
-        for _ in range(2):
-            v = rng.standard_normal(u.theta.shape)
-            theta0 = u.theta.copy()
-            u.theta[...] = theta0 + eps * v
-            jp = _objective(b, T, frames, labels)
-            u.theta[...] = theta0 - eps * v
-            jm = _objective(b, T, frames, labels)
-            u.theta[...] = theta0
-            num = (jp - jm) / (2 * eps)
-            ana = float(grads[l] @ v)
-            assert abs(ana - num) <= 1e-7 + 1e-6 * abs(num), (mode, fuse, k, l, ana, num)
+    _check_directional(b, lambda: _objective(b, T, frames, labels), rng, (mode, fuse, k))
 
 
 def test_sideways_gradient_is_mean_of_per_frame_backprop():
@@ -193,24 +198,8 @@ def test_frames_gradient_matches_finite_differences(mode, fuse, k):
     b = _frames_bptt(mode, fuse, k, offset)
     st = b.run_clip(T, clip, update=False)
     assert len(st.losses) == T - 3 + 1 and all(c == 1 for c in st.counts.values())
-    grads = b.gradients()
-
-    def objective():
-        return float(np.mean(b.run_clip(T, clip, train=False).losses))
-
-    eps = 1e-6
-    for l, u in b.units.items():
-        for _ in range(2):
-            v = rng.standard_normal(u.theta.shape)
-            theta0 = u.theta.copy()
-            u.theta[...] = theta0 + eps * v
-            jp = objective()
-            u.theta[...] = theta0 - eps * v
-            jm = objective()
-            u.theta[...] = theta0
-            num = (jp - jm) / (2 * eps)
-            ana = float(grads[l] @ v)
-            assert abs(ana - num) <= 1e-7 + 1e-6 * abs(num), (mode, fuse, k, l, ana, num)
+    _check_directional(b, lambda: float(np.mean(b.run_clip(T, clip, train=False).losses)),
+                       rng, (mode, fuse, k))
 
 
 def test_frames_sideways_one_step_gradient_is_engine_gradient():
