@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssmpi.ops import conv, conv2d_bwd, conv2d_fwd  # noqa: E402
+from ssmpi.nn.ops import conv, conv2d_bwd, conv2d_fwd  # noqa: E402
 
 # VGG8 conv layers (name, H=W, Cin, Cout); a 2x2 max-pool precedes 56, 28, 14 and 7.
 VGG8 = [

@@ -58,7 +58,7 @@ def main(argv=None):
         for wm in (["poll", "block"] if n > 2 else ["poll"]):
             spec = dict(base, wait_mode=wm)
             if n > 1 and a.placement == "balanced" and runs and runs[0].get("compute_by_unit"):
-                from ssmpi.topology import balance_by_cost
+                from ssmpi.engine.topology import balance_by_cost
 
                 cu = {int(k): v for k, v in runs[0]["compute_by_unit"].items()}
                 spec["groups"] = groups_by_n.setdefault(n, balance_by_cost(cu, n))

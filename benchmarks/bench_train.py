@@ -38,8 +38,8 @@ from mpi4py import MPI
 from ssmpi import backend
 from ssmpi.config import load_config
 from ssmpi.train import build_model
-from ssmpi.topology import Topology, Placement
-from ssmpi.sideways import Engine
+from ssmpi.engine.topology import Topology, Placement
+from ssmpi.engine.executor import Engine
 backend.select("cpu")
 cfg = load_config(None, sys.argv[2:])
 comm = MPI.COMM_WORLD

@@ -131,7 +131,7 @@ def _fmt(c):
 
 # -- the worker ----------------------------------------------------------------------------
 def build_model(spec: dict):
-    from ssmpi import models
+    from ssmpi.nn import models
     m = spec.get("model", {"name": "vgg8"})
     kw = {k: v for k, v in m.items() if k != "name"}
     return models.get_model(m.get("name", "vgg8"), **kw)
@@ -152,7 +152,7 @@ def worker(spec: dict, out_path: str):
     from mpi4py import MPI
 
     from ssmpi import backend
-    from ssmpi.topology import Placement, Topology
+    from ssmpi.engine.topology import Placement, Topology
     backend.select("cpu")
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -176,7 +176,7 @@ def worker(spec: dict, out_path: str):
     comp_by_unit = {}
 
     if algo in ("engine", "realtime"):
-        from ssmpi.sideways import Engine
+        from ssmpi.engine.executor import Engine
         topo = Topology(model, mode=spec.get("mode", "skip"), k=spec.get("k", 2),
                         fuse=spec.get("fuse", "concat"))
         pl = Placement(topo.L, size, groups=spec.get("groups"))

@@ -37,7 +37,7 @@ def resolve(checkpoint: str):
 def _setup_any_size(cfg, comm, fixed: bool):
     """The run's config on this job's rank count: results do not depend on placement, so
     unless ``engine.replicas`` was set, take the fewest replicas that fit the ranks."""
-    from .topology import TopologyError
+    from .engine.topology import TopologyError
     from .train import Setup
 
     if fixed:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .data import DataError
-    from .topology import TopologyError
+    from .engine.topology import TopologyError
     from .train import evaluate
 
     comm = MPI.COMM_WORLD

@@ -70,7 +70,7 @@ class UnitCost:
 
 def balanced_groups(L: int, P: int) -> List[List[int]]:
     """The engine's placement: contiguous groups of 1..L, sizes differing by at most one."""
-    from .topology import balanced_groups as bg
+    from .engine.topology import balanced_groups as bg
     return bg(L, P)
 
 
@@ -141,7 +141,7 @@ def profile_units(topo, batch: int, reps: int = 5, seed: int = 0, dtype=np.float
     """Fastest (least disturbed) forward and VJP seconds of every unit of ``topo`` on random
     inputs (in this process, with whatever BLAS threads are set), plus message bytes.
     Returns [UnitCost]."""
-    from .unit import Unit
+    from .engine.unit import Unit
     rng = np.random.default_rng(seed)
     out = []
     for l in range(1, topo.L + 1):
@@ -275,8 +275,8 @@ def project_paper(flops_per_s: float = 20e12, link: Link = Link(10e9, 10e-6)) ->
     batch 8, T = 32, on 1, 2 and 8 devices of ``flops_per_s`` each, linked by ``link``;
     causal 3D VGG16 (kt = 3) by BP on one device. Returns steps/s per scheme."""
     from .baselines.causal3d import causal3d
-    from .models import vgg16
-    from .topology import Topology
+    from .nn.models import vgg16
+    from .engine.topology import Topology
     spec = vgg16(num_classes=600, resolution=224)
     skip = Topology(spec, mode="skip", k=2, modules_per_unit=2)
     side = Topology(spec, mode="sideways", modules_per_unit=2)

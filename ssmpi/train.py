@@ -46,14 +46,14 @@ def _limit_blas_threads(world_size: int):
 
 
 def build_model(cfg, num_classes: int, frame_hw):
-    from . import models
+    from .nn import models
 
     spec = _base_model(cfg, num_classes, frame_hw)
     return models.with_input_unit(spec) if cfg.model.input_unit else spec
 
 
 def _base_model(cfg, num_classes: int, frame_hw):
-    from . import models
+    from .nn import models
 
     m = cfg.model
     res = int(frame_hw[0])
@@ -90,7 +90,7 @@ class Setup:
 
     def __init__(self, cfg, comm, *, need_engine: bool = True):
         from . import backend, data
-        from .topology import Placement, Topology
+        from .engine.topology import Placement, Topology
 
         self.cfg, self.comm = cfg, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -129,8 +129,8 @@ class Setup:
         if e.placement == "balanced" and self.placement.P > 1:
             groups = None
             if self.rank == 0:  # measured once, on one rank; every rank gets the same split
-                from .topology import balance_by_cost
-                from .unit import measure_unit_costs
+                from .engine.topology import balance_by_cost
+                from .engine.unit import measure_unit_costs
 
                 self.unit_costs = measure_unit_costs(self.topo, cfg.data.batch_size,
                                                      dtype=np.dtype(cfg.run.dtype))
@@ -144,7 +144,7 @@ class Setup:
         self.engine = None
         self.tracer = None
         if need_engine:
-            from .sideways import Engine
+            from .engine.executor import Engine
 
             self.tracer = None
             if cfg.run.trace:
@@ -197,7 +197,7 @@ class Setup:
 
     # -- printouts ----------------------------------------------------------------------
     def summary(self) -> str:
-        from .unit import Unit
+        from .engine.unit import Unit
 
         topo, pl = self.topo, self.placement
         lines = [f"ssmpi: {self.spec.name}, mode {topo.mode}"
@@ -361,7 +361,7 @@ def _batches(loader, start_iter: int, n_iter: int):
 
 def _bcast_polling(comm, value: int) -> int:
     """Broadcast an int from rank 0 without busy-waiting (MPICH spins in blocking calls)."""
-    from .sideways import _wait_polling
+    from .engine.executor import _wait_polling
 
     buf = np.array([value], np.int64)
     _wait_polling([comm.Ibcast(buf, root=0)])
@@ -588,7 +588,7 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .data import DataError
-    from .topology import TopologyError
+    from .engine.topology import TopologyError
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

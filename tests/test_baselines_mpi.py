@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from ssmpi import backend
 from ssmpi.baselines import FrameBP, GPipe
-from ssmpi.topology import Placement, Topology
+from ssmpi.engine.topology import Placement, Topology
 
 backend.select("cpu")
 WORLD = MPI.COMM_WORLD

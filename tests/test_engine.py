@@ -5,9 +5,10 @@ import pytest
 from engine_helpers import make_engine, rel_err, small_spec, static_backprop
 from mpi4py import MPI
 
-from ssmpi import backend, schedule
-from ssmpi.models import ModelSpec
-from ssmpi.topology import Placement, Topology, TopologyError
+from ssmpi import backend
+from ssmpi.engine import plan as schedule
+from ssmpi.nn.models import ModelSpec
+from ssmpi.engine.topology import Placement, Topology, TopologyError
 
 backend.select("cpu")
 SELF = MPI.COMM_SELF
@@ -46,7 +47,7 @@ def test_constant_video_equals_backprop(mode, fuse, k, L):
 def test_constant_video_equals_backprop_vgg16_vector_shortcuts(fuse):
     """VGG16 with two modules per unit: shortcuts into the classifier units are vectors
     (tau = global max-pool, then flatten), still exact on constant video."""
-    from ssmpi.models import vgg16
+    from ssmpi.nn.models import vgg16
 
     spec = vgg16(num_classes=3, width=1 / 32, resolution=32)
     eng = make_engine(SELF, spec=spec, mode="skip", fuse=fuse, modules_per_unit=2,
@@ -203,7 +204,7 @@ def test_rank_count_that_does_not_fit_is_a_clear_error():
 
 
 def test_balance_by_cost_beats_contiguous_and_is_valid():
-    from ssmpi.topology import balance_by_cost
+    from ssmpi.engine.topology import balance_by_cost
 
     costs = {1: 1.50, 2: 1.88, 3: 1.50, 4: 2.37, 5: 1.46, 6: 2.36, 7: 1.35, 8: 0.01}
     for P in (2, 3, 4, 8):
@@ -230,7 +231,7 @@ def test_bad_topology_values_are_clear_errors():
 
 
 def test_nonfinite_loss_stops_with_step_and_unit():
-    from ssmpi.sideways import NonFiniteError
+    from ssmpi.engine.executor import NonFiniteError
 
     eng = make_engine(SELF, L=3, mode="skip")
     clip = np.full((2, 8, 8, 8, 3), np.nan, np.float32)

@@ -12,7 +12,8 @@ import pytest
 from engine_helpers import make_engine, small_spec
 from mpi4py import MPI
 
-from ssmpi import backend, models
+from ssmpi import backend
+from ssmpi.nn import models
 
 backend.select("cpu")
 WORLD = MPI.COMM_WORLD

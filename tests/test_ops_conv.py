@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 
 from ssmpi import backend
-from ssmpi.ops import conv2d_bwd, conv2d_fwd, conv3d_causal_bwd, conv3d_causal_fwd
-from ssmpi.ops.gradcheck import check_vjp
-from ssmpi.ops.reference import conv2d_ref, conv3d_causal_ref
+from ssmpi.nn.ops import conv2d_bwd, conv2d_fwd, conv3d_causal_bwd, conv3d_causal_fwd
+from ssmpi.nn.ops.gradcheck import check_vjp
+from ssmpi.nn.ops.reference import conv2d_ref, conv3d_causal_ref
 
 
 @pytest.fixture(params=["im2col", "winograd"])
 def conv_algo(request, monkeypatch):
     """Run a 2-D test through im2col, then through Winograd F(2x2, 3x3) wherever it applies
     (3x3, stride 1, pad <= 2), whatever the channel count and output size."""
-    from ssmpi.ops import conv
+    from ssmpi.nn.ops import conv
 
     if request.param == "im2col":
         monkeypatch.setattr(conv, "WINOGRAD", False)
@@ -27,7 +27,7 @@ def conv_algo(request, monkeypatch):
 
 def _expect_algo(res, algo, case_stride, ks, pad):
     """The residual tells which path ran: Winograd exactly where it applies."""
-    from ssmpi.ops.winograd import WinoRes
+    from ssmpi.nn.ops.winograd import WinoRes
 
     pads = pad if isinstance(pad, tuple) else (pad, pad)
     applies = (algo == "winograd" and tuple(ks) == (3, 3) and case_stride in (1, (1, 1))
@@ -334,7 +334,7 @@ def test_conv2d_float32_close_to_torch(conv_algo, cin, hw):
 ])
 def test_chunked_gemm_loops_match_one_chunk(xp, monkeypatch, fwd, bwd, case, mk):
     """Forcing one image per chunk (as for big layers) changes nothing in the results."""
-    from ssmpi.ops import conv
+    from ssmpi.nn.ops import conv
 
     rng = np.random.default_rng(12)
     x, w, b, s, p = mk(rng, xp, case)
@@ -360,7 +360,7 @@ def test_chunked_gemm_loops_match_one_chunk(xp, monkeypatch, fwd, bwd, case, mk)
                                   (2, 5, 5, 2, 2, (3, 3), 1, 2)])
 def test_winograd_chunks_match_one_chunk_and_im2col(xp, monkeypatch, case):
     """Winograd with one image per chunk equals Winograd in one chunk and im2col (float64)."""
-    from ssmpi.ops import conv, winograd
+    from ssmpi.nn.ops import conv, winograd
 
     monkeypatch.setattr(conv, "WINOGRAD_MIN_CIN", 1)
     monkeypatch.setattr(conv, "WINOGRAD_MAX_WASTE", float("inf"))

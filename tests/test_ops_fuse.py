@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from ssmpi import backend
-from ssmpi.ops import fuse_bwd, fuse_fwd, tau_bwd, tau_fwd, tau_out_shape
-from ssmpi.ops.gradcheck import check_vjp
-from ssmpi.ops.reference import maxpool2d_ref
+from ssmpi.nn.ops import fuse_bwd, fuse_fwd, tau_bwd, tau_fwd, tau_out_shape
+from ssmpi.nn.ops.gradcheck import check_vjp
+from ssmpi.nn.ops.reference import maxpool2d_ref
 
 
 def _fuse_f(mode, n):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ssmpi import backend
-from ssmpi.ops import (
+from ssmpi.nn.ops import (
     dropout_bwd,
     dropout_fwd,
     glorot_uniform,
@@ -20,7 +20,7 @@ from ssmpi.ops import (
     space_to_depth_bwd,
     space_to_depth_fwd,
 )
-from ssmpi.ops.gradcheck import check_vjp
+from ssmpi.nn.ops.gradcheck import check_vjp
 
 
 def _away_from_zero(rng, xp, shape):
@@ -268,7 +268,7 @@ def test_gradcheck_catches_a_wrong_vjp():
 
 def test_conv_gradcheck_catches_a_broken_col2im(xp, monkeypatch):
     """Dropping one tap from col2im must be caught by the conv VJP check."""
-    from ssmpi.ops import conv
+    from ssmpi.nn.ops import conv
 
     real = conv._conv_bwd
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ssmpi import backend
-from ssmpi.ops import (
+from ssmpi.nn.ops import (
     avgpool2d_bwd,
     avgpool2d_fwd,
     global_avgpool_bwd,
@@ -12,8 +12,8 @@ from ssmpi.ops import (
     maxpool2d_bwd,
     maxpool2d_fwd,
 )
-from ssmpi.ops.gradcheck import check_vjp
-from ssmpi.ops.reference import avgpool2d_ref, maxpool2d_ref
+from ssmpi.nn.ops.gradcheck import check_vjp
+from ssmpi.nn.ops.reference import avgpool2d_ref, maxpool2d_ref
 
 # (N, H, W, C, k, stride)
 POOL_CASES = [

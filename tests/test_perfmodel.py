@@ -5,7 +5,7 @@ import pytest
 from engine_helpers import small_spec
 
 from ssmpi import perfmodel as pm
-from ssmpi.topology import Topology
+from ssmpi.engine.topology import Topology
 
 NOLINK = pm.Link(bandwidth=1e30, latency=0.0)
 

@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from ssmpi import backend
 from ssmpi.baselines import GPipe
-from ssmpi.topology import Placement, Topology
+from ssmpi.engine.topology import Placement, Topology
 from ssmpi.trace import Tracer, chrome_trace
 
 backend.select("cpu")

@@ -23,11 +23,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .. import backend, ops
+from .. import backend
+from ..nn import ops
 from ..optim import make_optimizer
-from ..topology import Topology
+from ..engine.topology import Topology
 from ..trace import null_span
-from ..unit import Unit, host_parameters
+from ..engine.unit import Unit, host_parameters
 
 
 class FrameBP:

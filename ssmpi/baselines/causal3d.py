@@ -37,8 +37,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .. import backend, layers, ops
-from ..models import ModelSpec, get_model, make_layers
+from .. import backend
+from ..nn import layers, ops
+from ..nn.models import ModelSpec, get_model, make_layers
 from ..optim import make_optimizer
 
 

@@ -33,12 +33,13 @@ from typing import Dict, List, Optional
 import numpy as np
 from mpi4py import MPI
 
-from .. import backend, ops
-from ..exchange import WAIT_MODES
+from .. import backend
+from ..nn import ops
+from ..engine.transport import WAIT_MODES
 from ..optim import make_optimizer
-from ..topology import Placement, Topology
+from ..engine.topology import Placement, Topology
 from ..trace import null_span
-from ..unit import Unit, host_parameters
+from ..engine.unit import Unit, host_parameters
 
 TAG_ACT, TAG_GRAD = 20000, 20001
 

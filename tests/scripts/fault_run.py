@@ -9,9 +9,10 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from ssmpi import backend, failure, models
-from ssmpi.sideways import Engine
-from ssmpi.topology import Placement, Topology
+from ssmpi import backend, failure
+from ssmpi.nn import models
+from ssmpi.engine.executor import Engine
+from ssmpi.engine.topology import Placement, Topology
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--fail", choices=["raise", "hang", "none"], default="raise")

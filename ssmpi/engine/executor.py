@@ -37,9 +37,10 @@ from typing import Dict, List, Optional
 import numpy as np
 from mpi4py import MPI
 
-from . import backend, failure, ops
-from .exchange import Exchange
-from .optim import make_optimizer
+from .. import backend, failure
+from ..nn import ops
+from .transport import Exchange
+from ..optim import make_optimizer
 from .topology import Placement, Topology
 from .unit import Unit, host_parameters
 

@@ -40,7 +40,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from mpi4py import MPI
 
-from . import backend
+from .. import backend
 from .topology import Edge, Placement, Topology
 
 HDR = 4

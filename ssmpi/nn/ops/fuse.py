@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ssmpi import backend
-from ssmpi.ops import pool
+from ssmpi.nn.ops import pool
 
 __all__ = ["FuseRes", "TauRes", "fuse_fwd", "fuse_bwd", "tau_out_shape", "tau_fwd", "tau_bwd"]
 

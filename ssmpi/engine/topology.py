@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import ops
-from .models import ModelSpec, make_layers
+from ..nn import ops
+from ..nn.models import ModelSpec, make_layers
 
 Shape = Tuple[int, ...]
 MODES = ("bp", "sideways", "skip", "fa-skip")

@@ -4,13 +4,13 @@ Every ``*_fwd`` returns ``(y, res)``; the matching ``*_bwd(res, dy)`` returns th
 ``reference`` (slow loops) and ``gradcheck`` are for tests and are not re-exported.
 """
 
-from ssmpi.ops.conv import conv2d_bwd, conv2d_fwd, conv3d_causal_bwd, conv3d_causal_fwd
-from ssmpi.ops.fuse import fuse_bwd, fuse_fwd, tau_bwd, tau_fwd, tau_out_shape
-from ssmpi.ops.init import glorot_uniform, he_normal
-from ssmpi.ops.linear import linear_bwd, linear_fwd
-from ssmpi.ops.losses import mse_bwd, mse_fwd, softmax_xent_bwd, softmax_xent_fwd
-from ssmpi.ops.nonlin import dropout_bwd, dropout_fwd, relu_bwd, relu_fwd
-from ssmpi.ops.pool import (
+from ssmpi.nn.ops.conv import conv2d_bwd, conv2d_fwd, conv3d_causal_bwd, conv3d_causal_fwd
+from ssmpi.nn.ops.fuse import fuse_bwd, fuse_fwd, tau_bwd, tau_fwd, tau_out_shape
+from ssmpi.nn.ops.init import glorot_uniform, he_normal
+from ssmpi.nn.ops.linear import linear_bwd, linear_fwd
+from ssmpi.nn.ops.losses import mse_bwd, mse_fwd, softmax_xent_bwd, softmax_xent_fwd
+from ssmpi.nn.ops.nonlin import dropout_bwd, dropout_fwd, relu_bwd, relu_fwd
+from ssmpi.nn.ops.pool import (
     avgpool2d_bwd,
     avgpool2d_fwd,
     global_avgpool_bwd,
@@ -18,7 +18,7 @@ from ssmpi.ops.pool import (
     maxpool2d_bwd,
     maxpool2d_fwd,
 )
-from ssmpi.ops.reshape import space_to_depth_bwd, space_to_depth_fwd
+from ssmpi.nn.ops.reshape import space_to_depth_bwd, space_to_depth_fwd
 
 __all__ = [
     "conv2d_fwd", "conv2d_bwd", "conv3d_causal_fwd", "conv3d_causal_bwd",

@@ -64,7 +64,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ssmpi import backend
-from ssmpi.ops import winograd
+from ssmpi.nn.ops import winograd
 
 __all__ = [
     "ConvRes",

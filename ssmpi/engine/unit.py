@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from . import backend
+from .. import backend
 from .topology import Topology
 
 

@@ -42,9 +42,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from . import backend, ops
-from .optim import make_optimizer
-from .sideways import TARGETS, ClipStats, NonFiniteError
+from .. import backend
+from ..nn import ops
+from ..optim import make_optimizer
+from .executor import TARGETS, ClipStats, NonFiniteError
 from .topology import Topology
 from .unit import Unit, host_parameters
 
