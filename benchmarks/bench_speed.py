@@ -76,9 +76,9 @@ def main(argv=None):
     # unit profile for the performance model (this process, one BLAS thread)
     from threadpoolctl import threadpool_limits
 
+    from ssmpi.engine.topology import Topology
     from ssmpi.nn import models
     from ssmpi.perfmodel import profile_units
-    from ssmpi.engine.topology import Topology
     spec = models.vgg8(num_classes=51, width=a.width, resolution=a.res)
     with threadpool_limits(1, user_api="blas"):
         prof = {m: [asdict(c) for c in profile_units(Topology(spec, mode=m), a.batch)]

@@ -64,10 +64,10 @@ import common  # noqa: E402  (benchmarks/common.py: shared plotting)
 from mpi4py import MPI  # noqa: E402
 
 from ssmpi import data  # noqa: E402
-from ssmpi.nn import models  # noqa: E402
 from ssmpi.engine.bptt import BPTT  # noqa: E402
 from ssmpi.engine.executor import Engine  # noqa: E402
 from ssmpi.engine.topology import Placement, Topology  # noqa: E402
+from ssmpi.nn import models  # noqa: E402
 
 DATA = Path(os.environ.get("SSMPI_STUDY_DATA", "/tmp/ssmpi_study_frames_data"))
 METHODS = ("sideways", "skip", "bptt", "bptt-sideways")

@@ -56,11 +56,11 @@ import common  # noqa: E402  (benchmarks/common.py: shared plotting)
 from mpi4py import MPI  # noqa: E402
 
 from ssmpi import data  # noqa: E402
-from ssmpi.nn import models  # noqa: E402
 from ssmpi.engine.bptt import BPTT  # noqa: E402
-from ssmpi.optim import make_optimizer  # noqa: E402
 from ssmpi.engine.executor import Engine  # noqa: E402
 from ssmpi.engine.topology import Placement, Topology  # noqa: E402
+from ssmpi.nn import models  # noqa: E402
+from ssmpi.optim import make_optimizer  # noqa: E402
 
 DATA = Path(os.environ.get("SSMPI_STUDY_DATA", "/tmp/ssmpi_study_motion_data"))
 METHODS = ("sideways", "skip", "skip-add", "fa-skip", "bptt", "twoframe", "causal3d")

@@ -17,10 +17,10 @@ import numpy as np
 from mpi4py import MPI
 
 from ssmpi import data
-from ssmpi.nn import models
 from ssmpi.engine.bptt import BPTT
 from ssmpi.engine.executor import Engine
 from ssmpi.engine.topology import Placement, Topology
+from ssmpi.nn import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from study_motion import evaluate  # noqa: E402  (clip accuracy on the test split)

@@ -275,8 +275,8 @@ def project_paper(flops_per_s: float = 20e12, link: Link = Link(10e9, 10e-6)) ->
     batch 8, T = 32, on 1, 2 and 8 devices of ``flops_per_s`` each, linked by ``link``;
     causal 3D VGG16 (kt = 3) by BP on one device. Returns steps/s per scheme."""
     from .baselines.causal3d import causal3d
-    from .nn.models import vgg16
     from .engine.topology import Topology
+    from .nn.models import vgg16
     spec = vgg16(num_classes=600, resolution=224)
     skip = Topology(spec, mode="skip", k=2, modules_per_unit=2)
     side = Topology(spec, mode="sideways", modules_per_unit=2)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssmpi.nn import models, ops
 from ssmpi.engine.executor import Engine
 from ssmpi.engine.topology import Placement, Topology
+from ssmpi.nn import models, ops
 
 
 def small_spec(L: int, width: int = 4, res: int = 8, classes: int = 3) -> models.ModelSpec:

@@ -6,11 +6,11 @@ from engine_helpers import rel_err, small_spec
 from mpi4py import MPI
 
 from ssmpi import backend
-from ssmpi.nn import models
 from ssmpi.baselines import CausalBP, FrameBP, GPipe, causal3d
 from ssmpi.baselines.causal3d import CausalConv3d
 from ssmpi.engine.executor import Engine
 from ssmpi.engine.topology import Placement, Topology
+from ssmpi.nn import models
 
 backend.select("cpu")
 SELF = MPI.COMM_SELF

@@ -25,9 +25,9 @@ import pytest
 from engine_helpers import make_engine, rel_err, small_spec, static_backprop
 from mpi4py import MPI
 
-from ssmpi.nn import models
 from ssmpi.engine.bptt import BPTT
 from ssmpi.engine.topology import Topology
+from ssmpi.nn import models
 
 
 def _clip(rng, N=2, T=8, res=8):

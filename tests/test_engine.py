@@ -7,8 +7,8 @@ from mpi4py import MPI
 
 from ssmpi import backend
 from ssmpi.engine import plan as schedule
-from ssmpi.nn.models import ModelSpec
 from ssmpi.engine.topology import Placement, Topology, TopologyError
+from ssmpi.nn.models import ModelSpec
 
 backend.select("cpu")
 SELF = MPI.COMM_SELF

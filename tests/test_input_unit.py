@@ -7,10 +7,10 @@ from engine_helpers import make_engine, rel_err, small_spec, static_backprop
 from mpi4py import MPI
 
 from ssmpi import backend
-from ssmpi.nn import models
 from ssmpi.engine.bptt import BPTT
-from ssmpi.nn.layers import Identity
 from ssmpi.engine.topology import Topology
+from ssmpi.nn import models
+from ssmpi.nn.layers import Identity
 
 backend.select("cpu")
 SELF = MPI.COMM_SELF

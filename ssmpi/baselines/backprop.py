@@ -24,11 +24,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .. import backend
+from ..engine.topology import Topology
+from ..engine.unit import Unit, host_parameters
 from ..nn import ops
 from ..optim import make_optimizer
-from ..engine.topology import Topology
 from ..trace import null_span
-from ..engine.unit import Unit, host_parameters
 
 
 class FrameBP:

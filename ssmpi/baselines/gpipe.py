@@ -34,12 +34,12 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import backend
-from ..nn import ops
-from ..engine.transport import WAIT_MODES
-from ..optim import make_optimizer
 from ..engine.topology import Placement, Topology
-from ..trace import null_span
+from ..engine.transport import WAIT_MODES
 from ..engine.unit import Unit, host_parameters
+from ..nn import ops
+from ..optim import make_optimizer
+from ..trace import null_span
 
 TAG_ACT, TAG_GRAD = 20000, 20001
 

@@ -39,9 +39,9 @@ from mpi4py import MPI
 
 from .. import backend, failure
 from ..nn import ops
-from .transport import Exchange
 from ..optim import make_optimizer
 from .topology import Placement, Topology
+from .transport import Exchange
 from .unit import Unit, host_parameters
 
 NONFINITE = ("raise", "skip")

@@ -10,9 +10,9 @@ import numpy as np
 from mpi4py import MPI
 
 from ssmpi import backend, failure
-from ssmpi.nn import models
 from ssmpi.engine.executor import Engine
 from ssmpi.engine.topology import Placement, Topology
+from ssmpi.nn import models
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--fail", choices=["raise", "hang", "none"], default="raise")
