@@ -193,7 +193,7 @@ def worker(spec: dict, out_path: str):
         def one(it):
             if stream:  # T steps of a montage stream (no reset), updates every T steps
                 t0 = it * T
-                st = eng._stats  # cumulative since start_stream: return this iteration's part
+                st = eng.stats()  # cumulative since start_stream: return this iteration's part
                 c0, w0 = dict(st.compute_s), st.wait_s
                 for s in range(T):
                     st = eng.stream_step(t0 + s + 1, frames[:, s] if bottom else None,

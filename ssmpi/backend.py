@@ -32,6 +32,9 @@ __all__ = [
     "asarray",
     "synchronize",
     "pinned_empty",
+    "is_device_array",
+    "copy_to_host",
+    "copy_to_device",
     "local_rank",
     "bind_local_device",
     "device_name",
@@ -140,6 +143,30 @@ def pinned_empty(shape, dtype):
     n = int(numpy.prod(shape)) * dtype.itemsize
     mem = _cupy.cuda.alloc_pinned_memory(max(n, 1))
     return numpy.frombuffer(mem, dtype, int(numpy.prod(shape))).reshape(shape)
+
+
+def is_device_array(a) -> bool:
+    """True for an array that lives on a GPU (MPI can read it only if it is CUDA-aware)."""
+    return _cupy is not None and isinstance(a, _cupy.ndarray)
+
+
+def copy_to_host(src, out) -> None:
+    """Copy ``src`` into the host array ``out``; ``out`` is complete when this returns
+    (a device-to-host copy waits for the kernels that write ``src``)."""
+    if is_device_array(src):
+        src.get(out=out)  # blocking: synchronizes the current stream
+    else:
+        numpy.copyto(out, src)
+
+
+def copy_to_device(src, out) -> None:
+    """Copy the host array ``src`` into ``out`` (same shape). On a GPU the copy is
+    *asynchronous* on the current stream: call :func:`synchronize` before ``src`` is
+    written again (e.g. by the next receive into the same staging buffer)."""
+    if is_device_array(out):
+        out.set(src)
+    else:
+        numpy.copyto(out, src)
 
 
 def local_rank() -> int:

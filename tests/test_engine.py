@@ -85,7 +85,7 @@ def test_first_valid_gradient_at_2L_minus_l(mode):
     for l in range(1, L + 1):
         first = min(r.t for r in eng.records if r.l == l and r.c_valid)
         assert first == 2 * L - l, (l, first)
-        assert eng._stats.counts[l] == T - (2 * L - l) + 1
+        assert eng.stats().counts[l] == T - (2 * L - l) + 1
 
 
 @pytest.mark.parametrize("mode,k", [("sideways", 1), ("skip", 2), ("skip", 3)])

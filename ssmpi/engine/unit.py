@@ -15,6 +15,7 @@ from typing import List, Tuple
 import numpy as np
 
 from .. import backend
+from ..nn import ops
 from .topology import Topology
 
 
@@ -93,6 +94,23 @@ class Unit:
             self.count += 1
         return (dy if need_dx else None), step
 
+    # -- the edges' maps, as the unit step sees them (``step.py``) ----------------------
+    def fuse_fwd(self, parts):
+        """fuse(a_direct, a_shortcut, ...) (eq. 1): concat or add -> (gamma, residuals)."""
+        return ops.fuse_fwd(parts, self.topo.fuse)
+
+    def fuse_bwd(self, fres, dgamma):
+        """VJP of fuse: d gamma -> one pseudo-gradient per inbound edge (eqs. 3, 4)."""
+        return ops.fuse_bwd(fres, dgamma)
+
+    def tau_fwd(self, edge, h):
+        """tau(h) for a shortcut edge out of this unit -> (y, residuals)."""
+        return edge.tau_fwd(h, self.topo.fuse)
+
+    def tau_bwd(self, edge, tres, g):
+        """VJP of tau at the h it saw: g (N, *edge.act_shape) -> (N, *out_shape)."""
+        return edge.tau_bwd(tres, g)
+
     def _offsets(self):
         out, off = {}, 0
         for (i, name) in self.names:
@@ -163,3 +181,26 @@ def measure_unit_costs(topo: Topology, batch: int, *, seed: int = 0, dtype=np.fl
         costs[l] = best
         del u
     return costs
+
+
+def apply_updates(units, opts, steps=None, nonfinite: str = "raise", what: str = ""):
+    """The update policy, shared by the engine, BPTT and the baselines: one optimizer step
+    for every unit whose flag in ``steps`` ({unit: bool}; default: it counted a valid
+    step) is set and whose gradient is finite, then zero every gradient.
+
+    Returns (learning rate used, number of non-finite updates skipped); with
+    ``nonfinite="raise"`` a non-finite gradient raises
+    :class:`~ssmpi.engine.losses.NonFiniteError`."""
+    from .losses import finite
+
+    lr, skipped = 0.0, 0
+    for u in units:
+        if steps[u.l] if steps is not None else u.count:
+            opt = opts[u.l]
+            if finite(u.grad, f"{what}unit U{u.l}: non-finite gradient at update {opt.t + 1}",
+                      nonfinite):
+                lr = opt.step(u.theta, u.grad)
+            else:
+                skipped += 1
+        u.zero_grad()
+    return lr, skipped
