@@ -23,6 +23,7 @@ intact (sha256), and says which newer ones it skipped and why.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -63,11 +64,15 @@ def _fsync_dir(d: Path):
 
 def atomic_write_bytes(path: Path, data: bytes):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -75,13 +80,43 @@ def ckpt_dir(run_dir, iteration: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"ckpt-{iteration:08d}"
 
 
-def write_unit(folder: Path, engine, l: int, meta: dict) -> Tuple[str, str]:
-    """Write unit l's file atomically; returns (file name, sha256)."""
+def diverged(engine, l: int) -> Optional[str]:
+    """Why unit l's parameters or optimizer state cannot be saved (not finite), or None."""
     u, opt = engine.units[l], engine.opt[l]
+    xp = engine.xp
+    if not bool(xp.isfinite(u.theta).all()):
+        return f"unit U{l}: parameters are not finite"
+    for k, v in opt.state_dict().items():
+        if not np.isscalar(v) and not bool(backend.get_array_module(v).isfinite(v).all()):
+            return f"unit U{l}: optimizer state {k!r} is not finite"
+    return None
+
+
+def _no_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left" in str(e)
+                                       or "disk full" in str(e).lower())
+
+
+def write_unit(folder: Path, engine, l: int, meta: dict) -> Tuple[str, str]:
+    """Write unit l's file atomically; returns (file name, sha256). On any error the
+    temporary file is removed and the error raised."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"unit-{l:02d}.h5"
     final = folder / name
     tmp = folder / f".{name}.tmp{os.getpid()}"
+    try:
+        _write_unit_file(tmp, engine, l, meta)
+        os.replace(tmp, final)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if _no_space(e):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
+        raise
+    return name, _sha256(final)
+
+
+def _write_unit_file(tmp: Path, engine, l: int, meta: dict):
+    u, opt = engine.units[l], engine.opt[l]
     with h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
@@ -104,41 +139,71 @@ def write_unit(folder: Path, engine, l: int, meta: dict) -> Tuple[str, str]:
         f.flush()
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return name, _sha256(final)
 
 
 def save(run_dir, engine, comm, *, iteration: int, epoch: int, batch: int, step: int = 0,
          extra: Optional[dict] = None, keep: int = 3) -> Optional[Path]:
-    """Collective (all ranks, outside the step loop): every rank of replica 0 writes its
-    units; rank 0 writes the manifest last. Returns the folder on rank 0."""
+    """Collective (all ranks, outside the step loop; ``comm`` a
+    :class:`~ssmpi.engine.transport.Comm`): every rank of replica 0 writes its units; rank 0
+    writes the manifest last. Returns the folder on rank 0.
+
+    A unit whose parameters or optimizer state are not finite is never written: the run
+    diverged, and rank 0 raises :class:`~ssmpi.engine.losses.DivergenceError` (the newer
+    checkpoints kept are all good ones). A full disk raises ``OSError(ENOSPC)`` naming the
+    file; the new checkpoint's files are removed and the earlier checkpoints stay intact."""
+    from .engine.losses import DivergenceError
+
     folder = ckpt_dir(run_dir, iteration)
     meta = dict(iteration=iteration, epoch=epoch, batch=batch, step=step)
-    mine = {}
-    err = None
+    mine, err, kind = {}, None, None
     if engine.replica == 0:
         try:
-            for l in engine.local:
-                mine[l] = write_unit(folder, engine, l, meta)
+            bad = [why for why in (diverged(engine, l) for l in engine.local) if why]
+            if bad:
+                err, kind = "; ".join(bad), "diverged"
+            else:
+                for l in engine.local:
+                    mine[l] = write_unit(folder, engine, l, meta)
         except Exception as e:  # report on rank 0, never leave others waiting
-            err = f"rank {comm.Get_rank()}: {type(e).__name__}: {e}"
-    gathered = comm.gather((mine, err), root=0)
+            err = f"rank {comm.rank}: {e}" if _no_space(e) else \
+                f"rank {comm.rank}: {type(e).__name__}: {e}"
+            kind = "nospace" if _no_space(e) else "error"
+    gathered = comm.gather((mine, err, kind), root=0,
+                           what=f"the unit files of checkpoint {folder.name}")
     path = None
-    if comm.Get_rank() == 0:
-        errors = [e for _, e in gathered if e]
+    if comm.rank == 0:
+        errors = [(e, k) for _, e, k in gathered if e]
         if errors:
-            raise CheckpointError("checkpoint not written: " + "; ".join(errors))
+            shutil.rmtree(folder, ignore_errors=True)  # never a half-written checkpoint
+            text = "; ".join(e for e, _ in errors)
+            if any(k == "diverged" for _, k in errors):
+                last, _ = latest_checkpoint(run_dir)
+                raise DivergenceError(f"training diverged by iteration {iteration}: {text}; "
+                                      f"no checkpoint written (the last good one: "
+                                      f"{last or 'none'})")
+            if any(k == "nospace" for _, k in errors):
+                raise OSError(errno.ENOSPC, "No space left on device",
+                              f"{folder} ({text})")
+            raise CheckpointError("checkpoint not written: " + text)
         units = {}
-        for d, _ in gathered:
+        for d, _, _ in gathered:
             for l, (name, sha) in d.items():
                 units[str(l)] = {"file": name, "sha256": sha}
+        topo = engine.topo
         man = dict(format=FORMAT, version=VERSION, iteration=iteration, epoch=epoch,
-                   batch=batch, step=step, n_units=engine.topo.L, mode=engine.topo.mode,
-                   model=engine.topo.model.name, units=units, **(extra or {}))
-        atomic_write_bytes(folder / "manifest.json", json.dumps(man, indent=1).encode())
+                   batch=batch, step=step, n_units=topo.L, mode=topo.mode, k=topo.k,
+                   fuse=topo.fuse, model=topo.model.name, units=units, **(extra or {}))
+        try:
+            atomic_write_bytes(folder / "manifest.json", json.dumps(man, indent=1).encode())
+        except OSError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            if _no_space(e):
+                raise OSError(errno.ENOSPC, "No space left on device",
+                              str(folder / "manifest.json")) from None
+            raise
         path = folder
         prune(run_dir, keep)
-    comm.Barrier()
+    comm.barrier(what=f"checkpoint {folder.name} to be complete")
     return path
 
 
@@ -204,10 +269,14 @@ def load(folder: Path, engine) -> dict:
     """Load this rank's units (parameters, optimizer state, RNG) from ``folder``; returns
     the manifest. Every rank of every replica loads (replicas start identical)."""
     man = check(folder)
-    if man["n_units"] != engine.topo.L or man["mode"] != engine.topo.mode:
-        raise CheckpointError(f"{folder}: checkpoint is for {man['n_units']} units in mode "
-                              f"{man['mode']}, this run has {engine.topo.L} in mode "
-                              f"{engine.topo.mode}")
+    topo = engine.topo
+    ours = dict(n_units=topo.L, mode=topo.mode, k=topo.k, fuse=topo.fuse,
+                model=topo.model.name)
+    differ = [f"{key} {man[key]!r} (this run: {v!r})" for key, v in ours.items()
+              if key in man and man[key] != v]  # k and fuse: manifests since version 0.2
+    if differ:
+        raise CheckpointError(f"{folder}: the checkpoint does not fit this model: "
+                              + ", ".join(differ))
     for l in engine.local:
         u, opt = engine.units[l], engine.opt[l]
         with h5py.File(folder / man["units"][str(l)]["file"], "r") as f:

@@ -39,6 +39,7 @@ class RunConfig:
     dtype: str = "float32"  # float32 | float64
     progress: bool = True  # tqdm progress bar on rank 0
     trace: int = 0  # trace this many iterations (after the first) -> <run>/trace.json + .png
+    diverge_loss: float = 1e4  # a training loss above this ends the run as diverged (0 = never)
 
 
 @dataclass
@@ -63,7 +64,10 @@ class EngineConfig:
     schedule: str = "reset"  # reset (one update per clip) | stream (montage, no resets)
     update_every: int = 16  # stream mode: steps between each unit's updates
     wait_mode: str = "poll"  # poll (yields the core; oversubscribed) | block (MPI Waitall)
-    watchdog_s: float = 300.0  # abort when no message arrives on an edge for this long (0 = off)
+    watchdog_s: float = 60.0  # a wait that makes no progress this long (and at least
+    #                           watchdog_factor x the slowest iteration) ends the job, naming
+    #                           the ranks that stopped answering (0 = off)
+    watchdog_factor: float = 20.0  # the watchdog grows with the slowest iteration seen
     cuda_aware: bool = False  # hand device buffers to MPI directly (needs a CUDA-aware MPI)
     nonfinite: str = "raise"  # raise | skip: what a NaN/Inf loss or gradient does
 
@@ -141,7 +145,7 @@ POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_u
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
             "data.stride", "data.eval_clips_per_video", "data.prefetch", "run.keep_checkpoints"}
 NON_NEGATIVE = {"run.trace", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
-                "engine.watchdog_s",
+                "engine.watchdog_s", "engine.watchdog_factor", "run.diverge_loss",
                 "data.crop", "data.frame_offset", "optim.lr", "optim.weight_decay", "optim.clip",
                 "optim.warmup", "optim.min_lr", "model.num_classes", "optim.momentum"}
 

@@ -62,41 +62,35 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=0, help="limit batches (0 = all)")
     ap.add_argument("--json", default=None, help="also write the metrics to this file")
     args = ap.parse_args(argv)
+    from . import program
 
-    from mpi4py import MPI
+    def body(comm, stopper):
+        from . import checkpoint as ckpt
+        from .config import load_config
+        from .train import _as_comm, evaluate
 
-    from . import checkpoint as ckpt
-    from . import failure
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .engine.topology import TopologyError
-    from .train import evaluate
-
-    comm = MPI.COMM_WORLD
-    failure.install(comm)
-    try:
         folder, run_dir = resolve(args.checkpoint)
         cfg = load_config(str(run_dir / "config.toml"), ["run.progress=false", *args.set])
+        _as_comm(comm, cfg)
         setup = _setup_any_size(cfg, comm, fixed="engine.replicas" in " ".join(args.set))
-        ckpt.load(folder, setup.engine)
         split = args.split or cfg.data.eval_split
-        res = evaluate(setup, split, args.batches)
-    except (ConfigError, DataError, TopologyError, CheckpointError) as e:
-        if comm.Get_rank() == 0:
-            sys.stderr.write(f"ssmpi.evaluate: error: {e}\n")
-        return 2
-    if comm.Get_rank() == 0:
-        res = dict(res or {}, checkpoint=str(folder))
-        if "clip_acc" in res:
-            line = (f"{split}: clip accuracy {res['clip_acc']:.4f}, video accuracy "
-                    f"{res['video_acc']:.4f} ({res['videos']} videos), loss {res['loss']:.4f}")
-        else:
-            line = f"{split}: L2 per pixel {res.get('l2')}"
-        sys.stdout.write(line + "\n")
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-    return 0
+        loader = setup.loader(split, train=False)  # bad data: an error before any work
+        ckpt.load(folder, setup.engine)
+        res = evaluate(setup, split, args.batches, loader=loader)
+        if comm.rank == 0:
+            res = dict(res or {}, checkpoint=str(folder))
+            if "clip_acc" in res:
+                line = (f"{split}: clip accuracy {res['clip_acc']:.4f}, video accuracy "
+                        f"{res['video_acc']:.4f} ({res['videos']} videos), loss "
+                        f"{res['loss']:.4f}")
+            else:
+                line = f"{split}: L2 per pixel {res.get('l2')}"
+            sys.stdout.write(line + "\n")
+            if args.json:
+                Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        return 0
+
+    return program.run("ssmpi.evaluate", body)
 
 
 if __name__ == "__main__":

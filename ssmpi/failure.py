@@ -27,6 +27,7 @@ def report(exc_type, exc, tb, *, full: bool = True) -> str:
     """The message printed for a fatal error: one clear line, then the traceback."""
     line = f"{prefix()} ERROR {exc_type.__name__}: {exc}"
     text = line + "\n"
+    full = full and getattr(exc, "traceback", True) is not False  # e.g. a watchdog report
     if full and os.environ.get("SSMPI_TRACEBACK", "1") != "0":
         text += "".join(traceback.format_exception(exc_type, exc, tb))
     return text
@@ -70,7 +71,7 @@ def install(comm=None):
 
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, KeyboardInterrupt):
-            sys.stderr.write(f"{prefix()} interrupted\n")
+            sys.stderr.write(f"{prefix()} interrupted{f' ({exc})' if str(exc) else ''}\n")
             sys.stderr.flush()
             abort_job(130)
         sys.stderr.write(report(exc_type, exc, tb))

@@ -92,20 +92,23 @@ class Tracer:
     def gather(self, comm=None, root: int = 0) -> Optional[List[dict]]:
         """All ranks' events on ``root`` as dicts (a collective: call it on every rank)."""
         offset = 0.0
-        if comm is not None and comm.Get_size() > 1:
-            from mpi4py import MPI
-            hosts = comm.allgather(MPI.Get_processor_name())
+        if comm is not None:
+            from .engine.transport import as_comm, processor_name
+
+            comm = as_comm(comm)
+        if comm is not None and comm.size > 1:
+            hosts = comm.allgather(processor_name(), what="the host names of the timeline")
             if len(set(hosts)) > 1:  # different clocks: align on a barrier
-                comm.Barrier()
+                comm.barrier(what="the clock alignment of the timeline")
                 mine = time.perf_counter()
-                t_root = comm.bcast(mine if comm.Get_rank() == root else None, root=root)
+                t_root = comm.bcast(mine if comm.rank == root else None, root=root)
                 offset = t_root - mine
         rows = [dict(rank=self.rank, label=self.label, name=n, cat=c, t0=t0 + offset, dur=d,
                      step=s) for n, c, t0, d, s in self.events]
         if comm is None:
             return rows
-        allrows = comm.gather(rows, root=root)
-        if comm.Get_rank() != root:
+        allrows = comm.gather(rows, root=root, what="the events of the timeline")
+        if comm.rank != root:
             return None
         return [r for part in allrows for r in part]
 

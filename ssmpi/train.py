@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from typing import Optional
 
 import numpy as np
 
-EXIT_REQUEUE = 99
+from .program import EXIT_REQUEUE, Stopper  # noqa: F401 (Stopper: earlier home)
 
 
 def _limit_blas_threads(world_size: int):
@@ -69,44 +68,46 @@ def _base_model(cfg, num_classes: int, frame_hw):
     raise ValueError(f"model {m.name!r}")
 
 
-class Stopper:
-    """SIGUSR1 / SIGTERM: finish the current iteration, checkpoint, exit for requeue."""
-
-    def __init__(self):
-        self.flag = 0
-        self.signame = ""
-
-    def install(self):
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.flag = 1
-        self.signame = signal.Signals(signum).name
-
-
 class Setup:
     """Everything built from the config on this rank."""
 
-    def __init__(self, cfg, comm, *, need_engine: bool = True):
+    def __init__(self, cfg, comm, *, need_engine: bool = True, need_data: bool = True):
+        from pathlib import Path
+
         from . import backend, data
-        from .engine.topology import Placement, Topology
+        from .config import ConfigError
+        from .engine.topology import Placement, Topology, TopologyError
 
         self.cfg, self.comm = cfg, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        backend.select(cfg.run.device)
-        backend.bind_local_device()
-        try:
-            self.ds = data.open_dataset(cfg.data.root, cfg.data.train_split, validate=False)
-        except data.DataError as e:
-            e.collective = True  # every rank reads the same manifest and fails alike
-            raise
-        self.task = self.ds.task
-        hw = (cfg.data.crop, cfg.data.crop) if cfg.data.crop else self.ds.frame_shape[:2]
-        if not all(hw):
-            raise data.DataError(f"{cfg.data.root}: frame size unknown; set data.crop")
+        if need_engine:
+            backend.select(cfg.run.device)
+            backend.bind_local_device()
+        self.ds = None
+        if need_data or (Path(cfg.data.root) / "manifest.json").is_file():
+            try:
+                self.ds = data.open_dataset(cfg.data.root, cfg.data.train_split,
+                                            validate=False)
+            except data.DataError as e:
+                e.collective = True  # every rank reads the same manifest and fails alike
+                raise
+        if self.ds is not None:
+            self.task = self.ds.task
+            hw = (cfg.data.crop, cfg.data.crop) if cfg.data.crop else self.ds.frame_shape[:2]
+            if not all(hw):
+                raise data.DataError(f"{cfg.data.root}: frame size unknown; set data.crop")
+            ncls = cfg.model.num_classes or self.ds.num_classes
+        else:  # planning without the data (a login node): everything from the config
+            self.task = "frames" if cfg.model.name == "fullres" else "action"
+            hw = (cfg.data.crop, cfg.data.crop)
+            ncls = cfg.model.num_classes
+            missing = [k for k, v in (("data.crop", cfg.data.crop),
+                                      ("model.num_classes", ncls or self.task == "frames"))
+                       if not v]
+            if missing:
+                raise ConfigError(f"{cfg.data.root}: no dataset here; to plan without it set "
+                                  f"{' and '.join(missing)} (the frame size and the classes)")
         self.frame_hw = hw
-        ncls = cfg.model.num_classes or self.ds.num_classes
         if self.task == "action" and ncls < 2:
             raise data.DataError(f"{cfg.data.root}: the dataset has {ncls} classes")
         self.spec = build_model(cfg, ncls, hw)
@@ -125,6 +126,9 @@ class Setup:
         e = cfg.engine
         self.topo = Topology(self.spec, mode=e.mode, k=e.k, fuse=e.fuse,
                              modules_per_unit=e.modules_per_unit)
+        if e.mode in ("skip", "fa-skip") and e.k > max(2, self.topo.L - 1):  # 2: the default
+            raise TopologyError(f"engine.k = {e.k} but the model has {self.topo.L} units: the "
+                                f"longest edge is U1->U{self.topo.L} (k <= {self.topo.L - 1})")
         self.placement = Placement(self.topo.L, self.size, replicas=e.replicas)
         if e.placement == "balanced" and self.placement.P > 1:
             groups = None
@@ -135,7 +139,7 @@ class Setup:
                 self.unit_costs = measure_unit_costs(self.topo, cfg.data.batch_size,
                                                      dtype=np.dtype(cfg.run.dtype))
                 groups = balance_by_cost(self.unit_costs, self.placement.P)
-            groups = comm.bcast(groups, root=0)
+            groups = comm.bcast(groups, root=0, what="the balanced placement")
             self.placement = Placement(self.topo.L, self.size, replicas=e.replicas,
                                        groups=groups)
         self.replica = self.placement.replica_of(self.rank)
@@ -266,24 +270,27 @@ def _mb(n: float) -> str:
 
 
 # -- evaluation -------------------------------------------------------------------------
-def evaluate(setup: Setup, split: str, max_batches: int = 0) -> Optional[dict]:
+def evaluate(setup: Setup, split: str, max_batches: int = 0, loader=None) -> Optional[dict]:
     """Run the pipeline forward only over ``split``; returns the metrics on every rank.
 
     Each data-parallel replica evaluates its own shards; the results are combined, so every
-    video of the split counts once whatever the number of replicas.
+    video of the split counts exactly once in every metric, whatever the number of replicas
+    and the batch padding (padded slots of a last, partial batch count nowhere).
 
-    Action recognition: loss, clip accuracy (mean softmax over the valid steps of a clip)
-    and video accuracy (mean over a video's clips). Frame prediction: L2 per pixel (mean
-    squared error of the predicted frame t+offset), as in Table 7.
+    Action recognition: loss (mean over clips of the clip's loss averaged over its valid
+    steps), clip accuracy (mean softmax over the valid steps of a clip) and video accuracy
+    (mean over a video's clips). Frame prediction: L2 per pixel (mean squared error of the
+    predicted frame t+offset), as in Table 7.
     """
     eng, comm, T = setup.engine, setup.comm, setup.cfg.data.clip_len
-    loader = setup.loader(split, train=False)
+    loader = loader or setup.loader(split, train=False)
     nb = len(loader)
     if max_batches:
         nb = min(nb, max_batches)
     video_probs, video_label = {}, {}
     clip_correct = clip_count = 0
-    losses = []
+    loss_sum, loss_count = 0.0, 0
+    eng.loss.per_sample = True
     try:
         for i, b in enumerate(loader.epoch(0)):
             if i >= nb:
@@ -293,9 +300,10 @@ def evaluate(setup: Setup, split: str, max_batches: int = 0) -> Optional[dict]:
             st = eng.run_clip(T, frames, b.labels if setup.is_top else None, targets,
                               train=False)
             if setup.is_top:
-                mask = b.video >= 0
-                if st.losses:
-                    losses.append(st.loss)
+                mask = b.video >= 0  # padded slots carry video -1
+                if st.sample_losses is not None:
+                    loss_sum += float(st.sample_losses[mask].sum())
+                    loss_count += int(mask.sum())
                 if setup.task == "action" and st.probs is not None:
                     pred = st.probs.argmax(1)
                     clip_correct += int((pred[mask] == b.labels[mask]).sum())
@@ -304,16 +312,18 @@ def evaluate(setup: Setup, split: str, max_batches: int = 0) -> Optional[dict]:
                         video_probs[int(v)] = video_probs.get(int(v), 0) + p
                         video_label[int(v)] = int(y)
     finally:
+        eng.loss.per_sample = False
         loader.close()
     # every replica evaluated its own shards: combine the top ranks' partial results
     part = None
     if setup.is_top:
-        part = dict(correct=clip_correct, count=clip_count, losses=losses,
-                    probs=video_probs, labels=video_label)
-    parts = [p for p in comm.allgather(part) if p is not None]
-    losses = [x for p in parts for x in p["losses"]]
+        part = dict(correct=clip_correct, count=clip_count, loss_sum=loss_sum,
+                    loss_count=loss_count, probs=video_probs, labels=video_label)
+    parts = [p for p in comm.allgather(part, what=f"the evaluation results on {split!r}")
+             if p is not None]
+    n = sum(p["loss_count"] for p in parts)
     res = {"split": split, "batches": nb, "replicas": len(parts),
-           "loss": float(np.mean(losses)) if losses else None}
+           "loss": sum(p["loss_sum"] for p in parts) / n if n else None}
     if setup.task == "action":
         count = sum(p["count"] for p in parts)
         res["clip_acc"] = sum(p["correct"] for p in parts) / max(count, 1)
@@ -359,15 +369,6 @@ def _batches(loader, start_iter: int, n_iter: int):
         epoch += 1
 
 
-def _bcast_polling(comm, value: int) -> int:
-    """Broadcast an int from rank 0 without busy-waiting (MPICH spins in blocking calls)."""
-    from .engine.executor import _wait_polling
-
-    buf = np.array([value], np.int64)
-    _wait_polling([comm.Ibcast(buf, root=0)])
-    return int(buf[0])
-
-
 def _stream_iterations(loader, start_iter: int, n_iter: int, T: int):
     """(iteration, epoch, [T StreamSteps]): the montage stream cut into iterations of T
     steps. Lanes cut between clips at different times (clip lengths T/2..T). A resumed
@@ -382,56 +383,109 @@ def _stream_iterations(loader, start_iter: int, n_iter: int, T: int):
         yield it, start_iter // nb + (it - start_iter) // nb, steps
 
 
-def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None) -> dict:
+def _prepare_run(cfg, comm, setup: Setup, resume: bool, start_over: bool):
+    """Rank 0 decides, before anything is written, whether this run may use its folder
+    (lock, resume fits the checkpoint); every rank gets the verdict. Returns (lock on rank
+    0, checkpoint path or None)."""
     from . import checkpoint as ckpt
     from . import failure
+    from .rundir import RunDirError, RunLock, read_config, resume_conflicts
 
-    setup = Setup(cfg, comm)
-    eng = setup.engine
-    rank = setup.rank
     run_dir = cfg.run_dir()
-    # build (and so validate) the data loader before anything is written: a run that fails
-    # on bad input must leave an earlier run of the same name untouched
+    verdict, lock = None, None
+    if comm.rank == 0:
+        try:
+            lock = RunLock(run_dir).acquire(warn=failure.warn)
+            path = None
+            if resume:
+                path, skipped = ckpt.latest_checkpoint(run_dir)
+                for why in skipped:
+                    failure.warn(f"skipping checkpoint {why}")
+                if path is None and skipped and not start_over:
+                    raise RunDirError(f"--resume: every checkpoint in {run_dir}/checkpoints is "
+                                      f"damaged ({len(skipped)}); add --start-over to train "
+                                      "from scratch (the damaged checkpoints stay)")
+                if path is None:
+                    failure.warn(f"--resume: no checkpoint in {run_dir}/checkpoints; starting "
+                                 "from scratch")
+                saved = read_config(run_dir) if path is not None else None
+                if saved is not None:
+                    conflicts = resume_conflicts(saved, cfg.to_dict())
+                    if conflicts:
+                        raise RunDirError(f"cannot resume {run_dir} from {path.name}: it was "
+                                          f"trained with other values of "
+                                          f"{'; '.join(conflicts)}")
+            verdict = ("ok", str(path) if path else None)
+        except RunDirError as e:
+            if lock is not None:
+                lock.release()
+            verdict = ("error", str(e))
+    verdict = comm.bcast(verdict, root=0, what="the verdict on the run folder")
+    if verdict[0] == "error":
+        raise RunDirError(verdict[1])
+    from pathlib import Path
+
+    return lock, (Path(verdict[1]) if verdict[1] else None)
+
+
+def train(cfg, comm, *, resume: bool = False, start_over: bool = False,
+          stopper: Optional[Stopper] = None) -> dict:
     from .data import DataError
 
-    loader, err = None, None
+    comm = _as_comm(comm, cfg)
+    setup = Setup(cfg, comm)
+    # build (and so validate) the data loaders of both splits before anything is written:
+    # a run that fails on bad input must leave an earlier run of the same name untouched
+    loader, eval_loader, err = None, None, None
     try:
         loader = setup.loader(cfg.data.train_split, train=True)
+        eval_loader = setup.loader(cfg.data.eval_split, train=False)
     except DataError as e:  # found by the ranks that read data; every rank must stop alike
         err = str(e)
-    found = comm.allgather((err, len(loader) if loader is not None else -1))
+    found = comm.allgather((err, len(loader) if loader is not None else -1),
+                           what="the data check of every rank")
     errors = [e for e, _ in found if e]
     if errors:
-        if loader is not None:
-            loader.close()
+        for ld in (loader, eval_loader):
+            if ld is not None:
+                ld.close()
         bad = DataError(errors[0])
         bad.collective = True
         raise bad
-    T = cfg.data.clip_len
     counts = [n for _, n in found]
     if len(set(counts)) != 1:
         raise RuntimeError(f"ranks disagree on batches per epoch: {counts}")
+    lock, path = _prepare_run(cfg, comm, setup, resume, start_over)
+    try:
+        return _train(cfg, comm, setup, loader, eval_loader, path, stopper)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
+    from . import checkpoint as ckpt
+    from .engine.losses import DivergenceError
+    from .rundir import truncate_metrics
+
+    eng, rank, run_dir, T = setup.engine, setup.rank, cfg.run_dir(), cfg.data.clip_len
+    start = 0
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
         sys.stdout.write(setup.summary() + "\n")
         sys.stdout.flush()
-    comm.Barrier()
-    start = 0
-    if resume:
-        path, skipped = ckpt.latest_checkpoint(run_dir)
+    comm.barrier(what="the run folder to be ready")
+    if path is not None:
+        man = ckpt.load(path, eng)
+        start = int(man["iteration"])
         if rank == 0:
-            for s in skipped:
-                failure.warn(f"skipping checkpoint {s}")
-        if path is None:
-            if rank == 0:
-                failure.warn(f"--resume: no complete checkpoint in {run_dir}/checkpoints; "
-                             "starting from scratch")
-        else:
-            man = ckpt.load(path, eng)
-            start = int(man["iteration"])
-            if rank == 0:
-                sys.stdout.write(f"resumed from {path} (iteration {start})\n")
+            dropped = truncate_metrics(run_dir / "metrics.jsonl", start)
+            sys.stdout.write(f"resumed from {path} (iteration {start})"
+                             + (f"; metrics.jsonl: {dropped} lines after it dropped" if dropped
+                                else "") + "\n")
+    elif rank == 0 and (run_dir / "metrics.jsonl").exists():
+        truncate_metrics(run_dir / "metrics.jsonl", 0)  # a fresh start: no stale lines
     metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = None
     if rank == 0 and cfg.run.progress:
@@ -468,11 +522,16 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
                     step_t += 1
                     st = eng.stream_step(step_t, s.frames if setup.is_bottom else None,
                                          s.labels if setup.is_top else None)
-                st = eng._end_clip()
                 st.probs = None  # labels change within an iteration: no clip accuracy
                 b = b[-1]
             dt = time.perf_counter() - t0
+            comm.watch.observe(dt)  # the watchdog scales with the slowest iteration
             done_iters += 1
+            if setup.is_top and st.losses and cfg.run.diverge_loss and \
+                    st.loss > cfg.run.diverge_loss:
+                raise DivergenceError(f"training diverged at iteration {it + 1}: loss "
+                                      f"{st.loss:.4g} > run.diverge_loss = "
+                                      f"{cfg.run.diverge_loss:g} (lower optim.lr?)")
             acc = None
             if setup.is_top and st.probs is not None and b.labels is not None:
                 acc = float((st.probs.argmax(1) == b.labels).mean())
@@ -482,7 +541,7 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
                        wait_s=st.wait_s, data_wait_s=loader.wait_time - dw0, stop=stopper.flag
                        if stopper else 0)
             log_now = (it + 1) % cfg.run.log_every == 0 or it + 1 == cfg.run.iterations
-            allrec = comm.gather(rec, root=0)
+            allrec = comm.gather(rec, root=0, what=f"the metrics of iteration {it + 1}")
             stop = 0
             if rank == 0:
                 stop = max(r["stop"] for r in allrec)
@@ -510,7 +569,7 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
                     if last_eval and "clip_acc" in last_eval:
                         post["eval"] = f"{last_eval['clip_acc']:.2f}"
                     bar.set_postfix(post, refresh=False)
-            stop = _bcast_polling(comm, stop)
+            stop = comm.bcast(stop, root=0, what=f"the stop flag of iteration {it + 1}")
             if stop:
                 ckpt.save(run_dir, eng, comm, iteration=it + 1, epoch=epoch, batch=0,
                           keep=cfg.run.keep_checkpoints)
@@ -548,7 +607,7 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
     if start < cfg.run.iterations:
         ckpt.save(run_dir, eng, comm, iteration=cfg.run.iterations, epoch=epoch, batch=0,
                   keep=cfg.run.keep_checkpoints)
-    final = evaluate(setup, cfg.data.eval_split, cfg.run.eval_batches)
+    final = evaluate(setup, cfg.data.eval_split, cfg.run.eval_batches, loader=eval_loader)
     summary = dict(final=True, eval=final, iterations=cfg.run.iterations,
                    trained_iterations=done_iters, seconds=round(elapsed, 2),
                    frames_per_s=round(frames_per_it * done_iters / max(elapsed, 1e-9), 2))
@@ -568,6 +627,36 @@ def train(cfg, comm, *, resume: bool = False, stopper: Optional[Stopper] = None)
     return summary
 
 
+def _as_comm(comm, cfg):
+    """The job's communicator with the watchdog and waiting policy of ``cfg``."""
+    from .engine.transport import as_comm
+
+    comm = as_comm(comm)
+    e = cfg.engine
+    comm.watch.configure(e.wait_mode, e.watchdog_s, e.watchdog_factor)
+    return comm
+
+
+def dry_run(cfg, comm) -> int:
+    """Print the plan (units, ranks, shapes, memory) from the config; the dataset is read
+    only when it is there."""
+    setup = Setup(cfg, comm, need_engine=False, need_data=False)
+    if setup.rank == 0:
+        sys.stdout.write(setup.summary() + "\n")
+        sys.stdout.write(setup.topo.describe() + "\n")
+        sys.stdout.write(setup.placement.describe() + "\n")
+        if setup.ds is None:
+            sys.stdout.write(f"(no dataset at {cfg.data.root}: frame size and classes from the "
+                             "config)\n")
+        sys.stdout.write("memory estimate per rank (parameters+optimizer, message "
+                         "buffers, one step's activations):\n")
+        for p, m in setup.memory_estimate().items():
+            sys.stdout.write(f"  rank {p} (U{','.join(map(str, m['units']))}): "
+                             f"{_mb(m['total'])} = {_mb(m['params'])} + "
+                             f"{_mb(m['messages'])} + {_mb(m['activations'])}\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m ssmpi.train", description=__doc__.split("\n\n")[0],
@@ -577,65 +666,28 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     ap.add_argument("--dry-run", action="store_true",
-                    help="print the plan (units, ranks, replicas, shapes, memory) and exit")
+                    help="print the plan (units, ranks, replicas, shapes, memory) and exit; "
+                         "needs no dataset when data.crop and model.num_classes are set")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest complete checkpoint of the run")
+    ap.add_argument("--start-over", action="store_true",
+                    help="with --resume: train from scratch when every checkpoint is damaged")
     args = ap.parse_args(argv)
+    from . import program
 
-    from mpi4py import MPI
+    def body(comm, stopper):
+        from .config import load_config
 
-    from . import failure
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .engine.topology import TopologyError
-
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    failure.install(comm)
-    stopper = Stopper()
-    stopper.install()  # first: SLURM may signal right at start-up
-    user_errors = (ConfigError, DataError, TopologyError, CheckpointError)
-    try:
         cfg = load_config(args.config, args.set)
-        _limits = _limit_blas_threads(comm.Get_size())  # noqa: F841 - keep the limit alive
+        _as_comm(comm, cfg)
+        _limits = _limit_blas_threads(comm.size)  # noqa: F841 - keep the limit alive
         if args.dry_run:
-            setup = Setup(cfg, comm, need_engine=False)
-            if rank == 0:
-                sys.stdout.write(setup.summary() + "\n")
-                sys.stdout.write(setup.topo.describe() + "\n")
-                sys.stdout.write(setup.placement.describe() + "\n")
-                sys.stdout.write("memory estimate per rank (parameters+optimizer, message "
-                                 "buffers, one step's activations):\n")
-                for p, m in setup.memory_estimate().items():
-                    sys.stdout.write(f"  rank {p} (U{','.join(map(str, m['units']))}): "
-                                     f"{_mb(m['total'])} = {_mb(m['params'])} + "
-                                     f"{_mb(m['messages'])} + {_mb(m['activations'])}\n")
-            return 0
-        res = train(cfg, comm, resume=args.resume, stopper=stopper)
+            return dry_run(cfg, comm)
+        res = train(cfg, comm, resume=args.resume, start_over=args.start_over,
+                    stopper=stopper)
         return EXIT_REQUEUE if res.get("stopped") else 0
-    except user_errors as e:
-        # Deterministic errors happen on every rank alike: exit cleanly with one line.
-        # An error on some ranks only would leave the others waiting: abort then.
-        msg = f"ssmpi.train: error: {e}"
-        if comm.Get_size() == 1:
-            sys.stderr.write(msg + "\n")
-            return 2
-        every = comm.allreduce(1) if comm.Get_size() > 1 and _all_fail_together(e) else 0
-        if every == comm.Get_size():
-            if rank == 0:
-                sys.stderr.write(msg + "\n")
-            return 2
-        sys.stderr.write(f"{failure.prefix()} {msg}\n")
-        sys.stderr.flush()
-        failure.abort_job(2)
-        return 2
 
-
-def _all_fail_together(e) -> bool:
-    """Errors raised while every rank does the same work (config, topology, manifest)."""
-    return getattr(e, "collective", False) or type(e).__name__ in ("ConfigError",
-                                                                   "TopologyError")
+    return program.run("ssmpi.train", body)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,16 @@ serial reference of the GPipe test.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from .. import backend
+from ..engine.losses import finite, loss_bwd, loss_fwd
+from ..engine.reducer import GradientReducer
 from ..engine.topology import Topology
-from ..engine.unit import Unit, host_parameters
-from ..nn import ops
+from ..engine.unit import Unit, apply_updates, host_parameters
 from ..optim import make_optimizer
 from ..trace import null_span
 
@@ -69,11 +69,9 @@ class FrameBP:
             with null_span(self.tracer, f"U{l} fwd"):
                 h, res[l] = self.units[l].forward(h, True)
             self.compute_s[l] = self.compute_s.get(l, 0.0) + time.perf_counter() - t0
-        loss, lres = ops.softmax_xent_fwd(h, labels)
-        val = float(loss)
-        if not math.isfinite(val):
-            raise FloatingPointError(f"FrameBP: non-finite loss {val}")
-        c = self.xp.asarray(ops.softmax_xent_bwd(lres, 1.0), dtype=self.dtype)
+        val, lres = loss_fwd("xent", h, labels)
+        finite(val, f"FrameBP: non-finite loss {val}")
+        c = self.xp.asarray(loss_bwd("xent", lres), dtype=self.dtype)
         for l in range(self.L, 0, -1):
             t0 = time.perf_counter()
             with null_span(self.tracer, f"U{l} bwd"):
@@ -101,8 +99,8 @@ class FrameBP:
 
     def update(self):
         """Divide each unit's gradient by its count of frames and take one optimizer step."""
-        for l, u in self.units.items():
-            u.apply(self.opt[l])
+        us = list(self.units.values())
+        apply_updates(us, self.opt, GradientReducer().reduce(us))
 
     def parameters(self) -> Dict[int, np.ndarray]:
         """{unit: host copy of its flat parameters}."""

@@ -31,13 +31,13 @@ drops the kt-1 warm-up outputs, so the result equals one conv3d over the whole c
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from .. import backend
+from ..engine.losses import finite, loss_bwd, loss_fwd
 from ..nn import layers, ops
 from ..nn.models import ModelSpec, get_model, make_layers
 from ..optim import make_optimizer
@@ -289,13 +289,11 @@ class CausalBP:
             logits, res, _ = self._seg_forward(frames[:, s:e], states[j], keep=True)
             n, S_j, K = logits.shape
             lab = xp.repeat(labels[:, None], S_j, axis=1).reshape(n * S_j)
-            loss, lres = ops.softmax_xent_fwd(xp.ascontiguousarray(logits).reshape(n * S_j, K),
-                                              lab)
-            losses[j] = float(loss)
-            if not math.isfinite(losses[j]):
-                raise FloatingPointError(f"CausalBP: non-finite loss {losses[j]}")
+            losses[j], lres = loss_fwd("xent", xp.ascontiguousarray(logits).reshape(
+                n * S_j, K), lab)
+            finite(losses[j], f"CausalBP: non-finite loss {losses[j]}")
             # d(mean over T frames)/d logits of this segment = (S_j / T) d(segment mean)
-            dl = ops.softmax_xent_bwd(lres, S_j / T).reshape(n, S_j, K)
+            dl = loss_bwd("xent", lres, S_j / T).reshape(n, S_j, K)
             t1 = time.perf_counter()
             dstate = self._seg_backward(res, xp.asarray(dl, dtype=self.dtype), dstate)
             del res

@@ -17,27 +17,26 @@ per-frame gradient, divides by T (the mean over frames, as the engine and
 :class:`~ssmpi.baselines.FrameBP` do) and takes one optimizer step. The result equals
 :class:`FrameBP` on the same topology (tested under mpiexec).
 
-Messages: uppercase ``Isend``/``Irecv`` of preallocated buffers, tag per frame and
-direction; all receives of a phase are posted at its start. Waiting polls ``Testall`` and
-sleeps with a short back-off (``wait_mode="poll"``, yields the core when ranks outnumber
-cores) or calls ``Waitall`` (``"block"``), as :mod:`ssmpi.exchange` does.
+Messages go through the engine's transport (:class:`~ssmpi.engine.transport.Link`): the
+same host staging of device arrays, and every wait through the one waiting primitive with
+its watchdog (``wait_mode`` ``"poll"`` or ``"block"``); a tag per frame and direction; all
+receives of a phase are posted at its start.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
-from mpi4py import MPI
 
 from .. import backend
+from ..engine.losses import finite, loss_bwd, loss_fwd
+from ..engine.reducer import GradientReducer
 from ..engine.topology import Placement, Topology
-from ..engine.transport import WAIT_MODES
-from ..engine.unit import Unit, host_parameters
-from ..nn import ops
+from ..engine.transport import WAIT_MODES, Link, as_comm
+from ..engine.unit import Unit, apply_updates, host_parameters
 from ..optim import make_optimizer
 from ..trace import null_span
 
@@ -75,20 +74,20 @@ class GPipe:
 
     def __init__(self, topo: Topology, placement: Placement, comm=None, *, batch: int,
                  seed: int = 0, dtype=np.float32, optimizer: Optional[dict] = None,
-                 wait_mode: str = "poll", poll_max_sleep: float = 1e-3, tracer=None, xp=None):
+                 wait_mode: str = "poll", watchdog_s: float = 0.0, tracer=None, xp=None,
+                 cuda_aware: bool = False):
         if any(e.kind != "direct" for e in topo.edges):
             raise ValueError(f"GPipe runs direct edges only (mode sideways), got {topo.mode!r}")
         if placement.replicas != 1:
             raise ValueError("GPipe: one replica only")
         if wait_mode not in WAIT_MODES:
             raise ValueError(f"wait_mode {wait_mode!r} is not one of {', '.join(WAIT_MODES)}")
-        self.comm = MPI.COMM_WORLD if comm is None else comm
-        self.rank = self.comm.Get_rank()
+        self.comm = as_comm(comm, wait_mode=wait_mode, watchdog_s=watchdog_s)
+        self.rank = self.comm.rank
         self.topo, self.placement, self.L = topo, placement, topo.L
         self.batch = int(batch)
         self.xp = backend.xp() if xp is None else xp
         self.dtype = np.dtype(dtype)
-        self.wait_mode, self.poll_max_sleep = wait_mode, poll_max_sleep
         self.tracer = tracer
         self.local = placement.units_of(self.rank)
         self.units = {l: Unit(topo, l, seed=seed, dtype=self.dtype, xp=self.xp)
@@ -104,19 +103,18 @@ class GPipe:
         self.in_shape = (self.batch,) + tuple(topo.in_shapes[lo])
         self.out_shape = (self.batch,) + tuple(topo.out_shapes[hi])
         self._bufs: Dict[str, List] = {"act": [], "grad": []}
+        # activations come from the previous stage, gradients from the next one
+        self.link_prev = Link(self.comm, self.prev, self.in_shape, self.dtype, self.xp,
+                              cuda_aware) if self.prev is not None else None
+        self.link_next = Link(self.comm, self.next, self.out_shape, self.dtype, self.xp,
+                              cuda_aware) if self.next is not None else None
 
     # -- waiting ----------------------------------------------------------------------
-    def _wait(self, reqs, stats: GPipeStats, what: str = "wait"):
+    def _wait(self, reqs, stats: GPipeStats, what: str = "wait", peer=None):
         if not reqs:
             return
         t0 = time.perf_counter()
-        if self.wait_mode == "block":
-            MPI.Request.Waitall(reqs)
-        else:
-            sleep = 2e-5
-            while not MPI.Request.Testall(reqs):
-                time.sleep(sleep)
-                sleep = min(sleep * 2, self.poll_max_sleep)
+        self.comm.wait(reqs, what, [peer] if peer is not None else [])
         dt = time.perf_counter() - t0
         stats.wait_s += dt
         if self.tracer is not None:
@@ -132,7 +130,7 @@ class GPipe:
     def run_clip(self, T: int, frames=None, labels=None, *, update: bool = True) -> GPipeStats:
         """All forwards, then all backwards, then one update. frames (N, T', H, W, C) on the
         first stage, labels (N,) on the last."""
-        xp, comm, tr = self.xp, self.comm, self.tracer
+        xp, tr = self.xp, self.tracer
         st = GPipeStats()
         first, last = self.prev is None, self.next is None
         if first:
@@ -145,9 +143,9 @@ class GPipe:
         rreq = []
         if not first:
             acts = self._buffers("act", T, self.in_shape)
-            rreq = [comm.Irecv(acts[m], source=self.prev, tag=_tag(TAG_ACT, m))
+            rreq = [self.link_prev.post_recv(acts[m], _tag(TAG_ACT, m), slot=m)
                     for m in range(T)]
-        sreq, keep = [], []
+        sreq = []
         for m in range(T):
             if tr is not None:
                 tr.set_step(m + 1)
@@ -157,7 +155,8 @@ class GPipe:
                 if tr is not None:
                     tr.add("frame", "data", t0, time.perf_counter() - t0)
             else:
-                self._wait([rreq[m]], st, "wait act")
+                self._wait([rreq[m]], st, f"the activation of frame {m + 1}", self.prev)
+                self.link_prev.finish(acts[m])
                 h = acts[m]
             for l in self.local:
                 t0 = time.perf_counter()
@@ -165,22 +164,17 @@ class GPipe:
                     h, res[m][l] = self.units[l].forward(h, True)
                 st.compute_s[l] = st.compute_s.get(l, 0.0) + time.perf_counter() - t0
             if last:
-                loss, lres = ops.softmax_xent_fwd(h, labels)
-                val = float(loss)
-                if not math.isfinite(val):
-                    raise FloatingPointError(f"GPipe: non-finite loss {val} at frame {m + 1}")
+                val, lres = loss_fwd("xent", h, labels)
+                finite(val, f"GPipe: non-finite loss {val} at frame {m + 1}")
                 st.losses.append(val)
-                dlast[m] = xp.asarray(ops.softmax_xent_bwd(lres, 1.0), dtype=self.dtype)
+                dlast[m] = xp.asarray(loss_bwd("xent", lres), dtype=self.dtype)
             else:
-                h = xp.ascontiguousarray(h)
-                backend.synchronize(h)
-                keep.append(h)
-                sreq.append(comm.Isend(h, dest=self.next, tag=_tag(TAG_ACT, m)))
+                sreq.append(self.link_next.send(h, _tag(TAG_ACT, m), slot=m))
         # ---- backward, frames in reverse order
         rreq = []
         if not last:
             grads = self._buffers("grad", T, self.out_shape)
-            rreq = [comm.Irecv(grads[m], source=self.next, tag=_tag(TAG_GRAD, m))
+            rreq = [self.link_next.post_recv(grads[m], _tag(TAG_GRAD, m), slot=T + m)
                     for m in range(T)]
         for m in range(T - 1, -1, -1):
             if tr is not None:
@@ -188,7 +182,8 @@ class GPipe:
             if last:
                 c = dlast[m]
             else:
-                self._wait([rreq[m]], st, "wait grad")
+                self._wait([rreq[m]], st, f"the gradient of frame {m + 1}", self.next)
+                self.link_next.finish(grads[m])
                 c = grads[m]
             for l in reversed(self.local):
                 t0 = time.perf_counter()
@@ -197,11 +192,11 @@ class GPipe:
                 st.compute_s[l] = st.compute_s.get(l, 0.0) + time.perf_counter() - t0
             res[m] = None  # free this frame's residuals
             if not first:
-                backend.synchronize(c)
-                keep.append(c)
-                sreq.append(comm.Isend(c, dest=self.prev, tag=_tag(TAG_GRAD, m)))
-        self._wait(sreq, st, "wait sends")
-        keep.clear()
+                sreq.append(self.link_prev.send(c, _tag(TAG_GRAD, m), slot=T + m))
+        self._wait(sreq, st, "the sends of this clip")
+        for link in (self.link_prev, self.link_next):
+            if link is not None:
+                link.release()
         if update:
             with null_span(tr, "update", "update"):
                 self.update()
@@ -209,8 +204,8 @@ class GPipe:
 
     def update(self):
         """Mean over frames of each unit's gradient, one optimizer step."""
-        for l, u in self.units.items():
-            u.apply(self.opt[l])
+        us = list(self.units.values())
+        apply_updates(us, self.opt, GradientReducer().reduce(us))
 
     # -- helpers ------------------------------------------------------------------------
     def parameters(self) -> Dict[int, np.ndarray]:
@@ -218,7 +213,7 @@ class GPipe:
 
     def gather_parameters(self, root: int = 0) -> Optional[Dict[int, np.ndarray]]:
         """All units' parameters on ``root`` (a collective; outside the loop)."""
-        allp = self.comm.gather(self.parameters(), root=root)
+        allp = self.comm.gather(self.parameters(), root=root, what="the parameters")
         if self.rank != root:
             return None
         out = {}
@@ -229,7 +224,7 @@ class GPipe:
     def gather_gradients(self, root: int = 0):
         """All units' accumulated gradients / count on ``root`` (call with update=False)."""
         mine = {l: backend.asnumpy(u.grad) / max(u.count, 1) for l, u in self.units.items()}
-        allg = self.comm.gather(mine, root=root)
+        allg = self.comm.gather(mine, root=root, what="the gradients")
         if self.rank != root:
             return None
         out = {}

@@ -37,17 +37,18 @@ being exact, gradients flow back through every edge whatever ``Edge.grad`` says.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import numpy as np
 
 from .. import backend
-from ..nn import ops
 from ..optim import make_optimizer
-from .executor import TARGETS, ClipStats, NonFiniteError
+from .executor import ClipStats
+from .losses import TARGETS, finite, loss_bwd, loss_fwd
+from .message import ACT, Message
+from .step import forward_half
 from .topology import Topology
-from .unit import Unit, host_parameters
+from .unit import Unit, apply_updates, host_parameters
 
 __all__ = ["BPTT"]
 
@@ -96,73 +97,51 @@ class BPTT:
     def _step_loss(self, h, t: int, labels, targets):
         """Loss of the top output of step t: (value, residual), or None (no valid target)."""
         if self.loss_kind == "xent":
-            return ops.softmax_xent_fwd(h, labels)
+            return loss_fwd("xent", h, labels)
         idx = (t if self.target == "newest" else t - self.L + 1) + self.frame_offset
         if idx > targets.shape[1]:
             return None
-        return ops.mse_fwd(h, targets[:, idx - 1])
+        return loss_fwd("mse", h, targets[:, idx - 1])
 
     def _forward(self, T: int, frames, labels, targets, train: bool, keep: bool):
-        """Run T steps. Returns (losses, probs_sum, tape): tape[t][l] = (res, fres, taus,
-        valid) when ``keep``; losses is a list of (t, loss, loss residual)."""
+        """Run T steps of the engine's forward half (:func:`~ssmpi.engine.step.forward_half`:
+        the same fuse, tau and validity). Returns (losses, probs_sum, tape): tape[t-1][l] is
+        U_l's :class:`~ssmpi.engine.step.Forward` of step t (None: it did not compute);
+        losses is a list of (t, loss, loss residual)."""
         topo, xp, L = self.topo, self.xp, self.L
-        prev: Dict[int, tuple] = {}  # edge id -> (activation, valid) sent at step t-1
+        N = frames.shape[0]
+        # the inbox of step 1: every message invalid (zeros, as after a reset)
+        invalid = {(e.eid, ACT): Message(xp.zeros((N,) + e.act_shape, self.dtype), False)
+                   for e in topo.edges}
+        inbox = dict(invalid)
         tape, losses, probs_sum = [], [], None
-        zeros = {}
         for t in range(1, T + 1):
-            cur: Dict[int, tuple] = {}
-            step = {}
-            h_by_l = {}
+            sent = dict(invalid)  # what the units send at step t: the inbox of step t+1
+            step, h_top = {}, None
             for l in range(1, L + 1):
-                inb = topo.inbound(l)
-                fres = None
-                if l == 1:
-                    gamma, valid = xp.ascontiguousarray(frames[:, t - 1]), True
-                else:
-                    d, valid = prev.get(inb[0].eid, (None, False))
-                    if valid:
-                        parts = [d]
-                        for e in inb[1:]:
-                            a, ok = prev.get(e.eid, (None, False))
-                            if not ok:
-                                key = e.eid
-                                if key not in zeros:
-                                    zeros[key] = xp.zeros((frames.shape[0],) + e.act_shape,
-                                                          self.dtype)
-                                a = zeros[key]
-                            parts.append(a)
-                        if len(parts) == 1:
-                            gamma = d
-                        else:
-                            gamma, fres = ops.fuse_fwd(parts, topo.fuse)
-                if not valid:
+                x = Message(xp.ascontiguousarray(frames[:, t - 1]), True, frame=t) \
+                    if l == 1 else None
+                f = forward_half(self.units[l], inbox, x, train)
+                if not f.valid:
                     step[l] = None
                     continue
-                h, res = self.units[l].forward(gamma, train)
-                h_by_l[l] = h
-                taus = {}
                 outb = topo.outbound(l)
                 if outb:
-                    cur[outb[0].eid] = (h, True)
-                for e in outb[1:]:
-                    y, tres = e.tau_fwd(h, topo.fuse)
-                    cur[e.eid] = (y, True)
-                    taus[e.eid] = tres
-                # which inbound shortcut inputs were valid (a zero input gets no gradient)
-                inval = [prev.get(e.eid, (None, False))[1] for e in inb[1:]] if l > 1 else []
-                step[l] = (res, fres, taus, inval) if keep else True
-            out = self._step_loss(h_by_l[L], t, labels, targets) if L in h_by_l else None
+                    sent[(outb[0].eid, ACT)] = Message(f.h, True, frame=f.frame)
+                for e, y, _ in f.taus:
+                    sent[(e.eid, ACT)] = Message(y, True, frame=f.frame)
+                step[l] = f if keep else True
+                h_top = f.h if l == L else h_top
+            out = self._step_loss(h_top, t, labels, targets) if h_top is not None else None
             if out is not None:
-                loss, lres = out
-                val = float(loss)
-                if not math.isfinite(val):
-                    raise NonFiniteError(f"BPTT: non-finite loss {val} at step {t}")
+                val, lres = out
+                finite(val, f"BPTT: non-finite loss {val} at step {t}")
                 losses.append((t, val, lres))
                 if self.loss_kind == "xent":
                     p = lres.probs
                     probs_sum = p.copy() if probs_sum is None else probs_sum + p
             tape.append(step)
-            prev = cur
+            inbox = sent
         return losses, probs_sum, tape
 
     # -- one clip -------------------------------------------------------------------------
@@ -212,40 +191,38 @@ class BPTT:
         topo, L = self.topo, self.L
         S = len(losses)
         dloss = {t: lres for t, _, lres in losses}
-        loss_bwd = ops.softmax_xent_bwd if self.loss_kind == "xent" else ops.mse_bwd
         # pending[(t, eid)]: cotangent of the message that U_src sent on edge eid at step t
         pending: Dict[tuple, object] = {}
         touched = set()
         for t in range(len(tape), 0, -1):
             step = tape[t - 1]
             for l in range(L, 0, -1):
-                rec = step.get(l)
-                if rec is None:
+                f = step.get(l)
+                if f is None:
                     continue
-                res, fres, taus, inval = rec
+                u = self.units[l]
                 outb = topo.outbound(l)
                 c = None
                 if l == L and t in dloss:
-                    c = loss_bwd(dloss[t], 1.0 / S)
+                    c = loss_bwd(self.loss_kind, dloss[t], 1.0 / S)
                 if outb:
                     g = pending.pop((t, outb[0].eid), None)
                     if g is not None:
                         c = g if c is None else c + g
-                    for e in outb[1:]:
+                    for e, _, tres in f.taus:
                         gs = pending.pop((t, e.eid), None)
                         if gs is not None:
-                            gh = e.tau_bwd(taus[e.eid], gs)
+                            gh = u.tau_bwd(e, tres, gs)
                             c = gh if c is None else c + gh
                 if c is None:
                     continue  # nothing downstream of this output reached a loss
-                dgamma, _ = self.units[l].backward(res, c, need_dx=l > 1)  # accumulates
+                dgamma, _ = u.backward(f.res, c, need_dx=l > 1)  # accumulates
                 touched.add(l)
                 if l == 1 or t == 1:
                     continue
                 inb = topo.inbound(l)
-                pieces = ops.fuse_bwd(fres, dgamma) if fres is not None else [dgamma]
-                ok = [True] + list(inval)
-                for e, p, v in zip(inb, pieces, ok):
+                pieces = u.fuse_bwd(f.fres, dgamma) if f.fres is not None else [dgamma]
+                for e, p, v in zip(inb, pieces, [True] + list(f.shortcut_valid)):
                     if not v:
                         continue  # the input was the constant zero of an invalid message
                     key = (t - 1, e.eid)
@@ -255,13 +232,7 @@ class BPTT:
 
     def update(self) -> float:
         """One optimizer step per unit from ``units[l].grad``; zeroes the gradients."""
-        lr = 0.0
-        for l, u in self.units.items():
-            if u.count:
-                if not bool(self.xp.isfinite(u.grad).all()):
-                    raise NonFiniteError(f"BPTT: unit U{l}: non-finite gradient")
-                lr = self.opt[l].step(u.theta, u.grad)
-            u.zero_grad()
+        lr, _ = apply_updates(list(self.units.values()), self.opt, what="BPTT: ")
         self.updates += 1
         return lr
 

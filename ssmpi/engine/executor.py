@@ -56,6 +56,7 @@ class ClipStats:
     wait_s: float = 0.0  # seconds waiting for messages
     skipped: int = 0  # non-finite losses and updates skipped (nonfinite="skip")
     lr: float = 0.0
+    sample_losses: Optional[np.ndarray] = None  # (N,) per sample, when the loss keeps them
 
     @property
     def loss(self) -> float:
@@ -270,7 +271,8 @@ class Engine:
         return ClipStats(losses=list(self.loss.losses), probs=self.loss.mean_probs(),
                          counts={l: u.count for l, u in self.units.items()},
                          compute_s=dict(ex.compute_s), wait_s=ex.wait_s,
-                         skipped=self.skipped + self.loss.skipped, lr=self.lr)
+                         skipped=self.skipped + self.loss.skipped, lr=self.lr,
+                         sample_losses=self.loss.sample_losses())
 
     # -- stream mode --------------------------------------------------------------------
     def start_stream(self):

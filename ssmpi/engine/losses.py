@@ -31,6 +31,10 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN or Inf."""
 
 
+class DivergenceError(NonFiniteError):
+    """Training diverged: an exploding loss, or parameters / optimizer state not finite."""
+
+
 def finite(x, what: str, policy: str = "raise") -> bool:
     """True when ``x`` (a number or an array) is finite. Otherwise raise
     :class:`NonFiniteError` saying ``what`` (policy ``"raise"``) or return False
@@ -79,6 +83,7 @@ class TopLoss:
         self.labels_by_frame: Dict[int, object] = {}
         self.targets = None
         self.skipped = 0  # non-finite losses skipped (nonfinite="skip"), since creation
+        self.per_sample = False  # also keep every sample's loss (evaluation)
         self.begin_clip()
 
     def begin_clip(self):
@@ -91,6 +96,7 @@ class TopLoss:
         """Fresh statistics, same labels (stream mode)."""
         self.losses: List[float] = []
         self.probs_sum = None
+        self.sample_sum = None  # (N,) per-sample loss summed over the valid steps
 
     def set_labels(self, t: int, labels):
         """Labels (N,) of frame t; the top unit sees frame t at step t + L - 1."""
@@ -116,9 +122,20 @@ class TopLoss:
         if self.kind == "xent":
             p = res.probs
             self.probs_sum = p.copy() if self.probs_sum is None else self.probs_sum + p
+        if self.per_sample:  # the loss of every sample, so that padding can be left out
+            ps = res.nll if self.kind == "xent" else (res.diff * res.diff).reshape(
+                res.diff.shape[0], -1).mean(axis=1)
+            ps = ps.astype(np.float64)
+            self.sample_sum = ps if self.sample_sum is None else self.sample_sum + ps
         if not train:
             return None, True
         return self.xp.asarray(loss_bwd(self.kind, res), dtype=self.dtype), True
+
+    def sample_losses(self) -> Optional[np.ndarray]:
+        """(N,) every sample's loss averaged over the valid steps (host), or None."""
+        if self.sample_sum is None:
+            return None
+        return backend.asnumpy(self.sample_sum) / len(self.losses)
 
     def mean_probs(self) -> Optional[np.ndarray]:
         """(N, K) mean softmax over the valid steps (host), or None."""

@@ -128,12 +128,13 @@ class Watch:
 
     # -- the wait -------------------------------------------------------------------------
     def wait(self, reqs: Sequence, what: str, peers: Sequence[int] = (),
-             lost: Optional[Callable] = None) -> float:
+             lost: Optional[Callable] = None, detail: Optional[Callable] = None) -> float:
         """Complete every request of ``reqs``; returns the seconds waited.
 
         ``what`` says what is awaited and ``peers`` from whom (ranks of this watch's
-        communicator), for the watchdog's message; ``lost(err)`` builds the message of a
-        :class:`PeerLostError` when MPI fails a request (a rank died)."""
+        communicator), ``detail()`` more about it, for the watchdog's message; ``lost(err)``
+        builds the message of a :class:`PeerLostError` when MPI fails a request (a rank
+        died)."""
         if not reqs:
             return 0.0
         t0 = time.perf_counter()
@@ -154,7 +155,7 @@ class Watch:
                     self._last_service = now
                     waited = now - t0
                     if limit and waited > limit:
-                        self._fire(what, peers, waited)
+                        self._fire(what + (f" ({detail()})" if detail else ""), peers, waited)
                     elif self.stop_requested() and waited > self._stop_grace(limit):
                         raise HangError(f"rank {self.me}: asked to stop by a signal while "
                                         f"waiting {waited:.0f}s for {what}")
@@ -207,7 +208,7 @@ class Watch:
                 if silent:
                     raise HangError(
                         f"watchdog: {', '.join(self.name(r) for r in silent)} stopped "
-                        f"answering (no reply within {ping_s:.0f}s); rank {self.me} {waits}")
+                        f"answering (no reply within {ping_s:.1f}s); rank {self.me} {waits}")
                 raise HangError(f"watchdog: no progress for {waited:.0f}s although every rank "
                                 f"answers (ranks wait on each other); rank {self.me} {waits}")
         # another rank reports: keep answering until the job is aborted
@@ -283,10 +284,11 @@ class Comm:
     def watch_ranks(self, ranks: Sequence[int]) -> List[int]:
         return [int(self._to_watch[r]) for r in ranks]
 
-    def wait(self, reqs, what: str, peers: Sequence[int] = (), lost=None) -> float:
+    def wait(self, reqs, what: str, peers: Sequence[int] = (), lost=None,
+             detail=None) -> float:
         """Complete ``reqs`` (requests on this communicator) under the watchdog; ``peers``
         are ranks of this communicator."""
-        return self.watch.wait(reqs, what, self.watch_ranks(peers), lost)
+        return self.watch.wait(reqs, what, self.watch_ranks(peers), lost, detail)
 
     def split(self, color: int, key: int) -> "Comm":
         return Comm(self.mpi.Split(color, key), self.watch)
@@ -503,7 +505,8 @@ class Transport:
                        {ch.dst_rank for ch in self.send_ch.values()
                         if ch.dst_rank != self.rank})
         self.wait_time += self.comm.wait(self._reqs, f"the messages of step {step}", peers,
-                                         lost=lambda err: self._lost_message(step, err))
+                                         lost=lambda err: self._lost_message(step, err),
+                                         detail=self._waiting_on)
         self._reqs.clear()
         self._keep.clear()
         staged = [ch for ch, _ in self._pending if ch.host_nxt is not None]
@@ -529,6 +532,12 @@ class Transport:
         self._reqs.clear()
         self._keep.clear()
         self._pending.clear()
+
+    def _waiting_on(self) -> str:
+        """The messages still in flight (for the watchdog's message)."""
+        names = [f"{ch.name()} from rank {ch.src_rank}" for ch, pair in self._pending
+                 if not MPI.Request.Testall(pair)]
+        return "; ".join(names) if names else "sends to neighbours to complete"
 
     def _lost_message(self, step, err) -> str:
         failed = set()

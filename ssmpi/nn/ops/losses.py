@@ -21,6 +21,7 @@ __all__ = ["XentRes", "MseRes", "softmax_xent_fwd", "softmax_xent_bwd", "mse_fwd
 class XentRes(NamedTuple):
     probs: Any  # (N, K) softmax of the logits (used for accuracy too)
     labels: Any  # (N,) int, on the logits' device
+    nll: Any = None  # (N,) -log softmax(logits)[label] of every sample (the loss before the mean)
 
 
 class MseRes(NamedTuple):
@@ -61,9 +62,10 @@ def softmax_xent_fwd(logits, labels):
     lse = xp.log(s)  # (N, 1)
     rows = xp.arange(n)
     picked = z[rows, labels]  # (N,)
-    loss = (lse[:, 0] - picked).mean(dtype=logits.dtype)
+    nll = lse[:, 0] - picked  # (N,)
+    loss = nll.mean(dtype=logits.dtype)
     probs = e / s
-    return xp.asarray(loss, dtype=logits.dtype), XentRes(probs, labels)
+    return xp.asarray(loss, dtype=logits.dtype), XentRes(probs, labels, nll)
 
 
 def softmax_xent_bwd(res: XentRes, dloss=1.0):

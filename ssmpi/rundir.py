@@ -1,0 +1,152 @@
+"""The run folder ``<run.out_dir>/<run.name>/``: one run at a time, and a resume that fits.
+
+- :class:`RunLock`: ``run.lock`` holds the host and PID of the run that owns the folder;
+  a second run of the same name stops with one line naming them. A lock left by a process
+  that is gone (same host, PID not alive) is stale: it is taken over with a warning. A
+  lock from another host cannot be checked from here: the message says how to remove it.
+- :func:`resume_conflicts`: the config keys that a checkpoint fixes (model, mode, k, fuse,
+  units, optimizer, dtype) and whose values differ between the run's saved config and
+  this one.
+- :func:`truncate_metrics`: after a resume from iteration i, ``metrics.jsonl`` keeps only
+  the lines up to iteration i, so that every iteration appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import List, Optional
+
+LOCK = "run.lock"
+# the keys a checkpoint depends on: a resume with other values cannot load it
+FIXED_BY_CHECKPOINT = ("model.*", "engine.mode", "engine.k", "engine.fuse",
+                       "engine.modules_per_unit", "optim.name", "run.dtype")
+
+
+class RunDirError(RuntimeError):
+    """The run folder is in use, or does not fit this run."""
+
+    collective = True  # decided on rank 0 and shared with every rank
+
+
+class RunLock:
+    """An exclusive lock on a run folder (taken by one rank)."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK
+        self.held = False
+
+    def acquire(self, warn=None):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.time())
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self._read()
+                if not self._stale(other):
+                    raise RunDirError(
+                        f"{self.path.parent}: the run folder is in use by pid "
+                        f"{other.get('pid', '?')} on host {other.get('host', '?')} (since "
+                        f"{_when(other.get('started'))}); choose another run.name, or delete "
+                        f"{self.path} if that run is gone") from None
+                if warn is not None:
+                    warn(f"taking over the stale lock {self.path} (pid {other.get('pid')} on "
+                         f"{other.get('host')} is gone)")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunDirError(f"{self.path}: could not take the lock")
+
+    def release(self):
+        if self.held:
+            self.held = False
+            try:
+                if self._read().get("pid") == os.getpid():
+                    self.path.unlink()
+            except OSError:
+                pass
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _stale(other: dict) -> bool:
+        if other.get("host") != socket.gethostname():
+            return False  # cannot tell from here
+        pid = other.get("pid")
+        if not isinstance(pid, int):
+            return True  # unreadable: a crash while writing it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+
+
+def _flat(d: dict) -> dict:
+    return {f"{sec}.{k}": v for sec, body in d.items() if isinstance(body, dict)
+            for k, v in body.items()}
+
+
+def resume_conflicts(saved: dict, now: dict) -> List[str]:
+    """``key: saved -> now`` for every key fixed by a checkpoint whose value differs."""
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        fixed = any(key == k or (k.endswith(".*") and key.startswith(k[:-1]))
+                    for k in FIXED_BY_CHECKPOINT)
+        if fixed and a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def read_config(run_dir) -> Optional[dict]:
+    """The run's saved resolved config as a dict (None when there is none)."""
+    p = Path(run_dir) / "config.toml"
+    if not p.is_file():
+        return None
+    from .config import tomllib
+
+    return tomllib.loads(p.read_text())
+
+
+def truncate_metrics(path, iteration: int) -> int:
+    """Keep the lines of ``metrics.jsonl`` up to ``iteration`` (training lines, evaluations
+    and anything without an iteration before them); returns the number of lines dropped.
+    Written atomically: a crash leaves the old file or the new one."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            dropped += 1  # a line cut short by the kill
+            continue
+        it = rec.get("iteration")
+        if rec.get("final") or (it is not None and it > iteration):
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        os.replace(tmp, path)
+    return dropped
