@@ -44,7 +44,7 @@ pick_first_job_id() {  # print a FirstJobId; reserve JOBID_SPAN ids from it
   flock -w 30 "$fd" || { log "no lock on $JOBID_FILE after 30 s"; return 1; }
   next=$(head -c 12 "$JOBID_FILE" | tr -dc 0-9); next=$(( 10#${next:-0} ))
   first=$(( next > clock ? next : clock ))
-  (( first + JOBID_SPAN < MAX_JOB_ID )) || first=$JOBID_SPAN   # wrapped (after ~2 years)
+  (( first + JOBID_SPAN < MAX_JOB_ID )) || first=$JOBID_SPAN   # wrapped (after ~67,000 instances)
   echo $(( first + JOBID_SPAN )) > "$JOBID_FILE"
   exec {fd}>&-
   echo "$first"
