@@ -3,7 +3,8 @@
 The harness tests/slurm/slurm-local.sh starts slurmctld + slurmd (auth/none, 8 CPUs) for
 this module and always brings them down. Install SLURM first (CI: tests/slurm/ci_setup.sh);
 without it, or without root, these tests skip and say why. The static checks at the end
-need no SLURM.
+need no SLURM. Each instance numbers its jobs from fresh ids, so MPICH segments that killed
+jobs of earlier runs left in /dev/shm cannot hang these jobs (tests/test_slurm_jobids.py).
 """
 
 import json

@@ -2,11 +2,14 @@
 # slurm-local.sh - throwaway single-node Slurm for the tests (Debian bookworm, Slurm 22.05).
 # Copied from the shared recipe (tools/slurm-local.sh) so that a checkout does not depend on
 # it; changes: no venv (the jobs use the Python that runs the tests), configurable ports,
-# install prints what it did.
+# install prints what it did, fresh job ids per instance and removal of the MPICH
+# segments of this instance's killed jobs (see pick_first_job_id).
 # No systemd, no munge daemon (auth/none), no accounting DB, no cgroups.
 #   slurm-local.sh install   # apt-get slurmctld slurmd slurm-client when missing
-#   slurm-local.sh up        # write config, start slurmctld + slurmd, wait until node idle
-#   slurm-local.sh down      # cancel jobs, stop the two daemons by PID, wait for them
+#   slurm-local.sh up        # write config (fresh FirstJobId), start slurmctld + slurmd,
+#                            # wait until node idle
+#   slurm-local.sh down      # cancel jobs, stop the two daemons by PID, wait for them,
+#                            # remove the /dev/shm segments of this instance's killed steps
 #   slurm-local.sh selftest  # up, run an 8-rank mpiexec sbatch job + srun --mpi=pmi2, down
 # Every client command needs:  export SLURM_CONF=$ROOT/slurm.conf
 # In a test:  slurm-local.sh up; trap 'slurm-local.sh down' EXIT
@@ -19,6 +22,61 @@ export SLURM_CONF=$ROOT/slurm.conf
 SBIN=/usr/sbin
 
 log() { printf '[slurm-local %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# MPICH under `srun --mpi=pmi2` names its shared-memory segment after the job step:
+# /dev/shm/mpich_shm_<FNV-1a hash of "JOBID.STEPID", %x>_<node> (and mpich_vci_... with
+# several VCIs). A rank killed with SIGKILL leaves it behind, and every later step with the
+# same ids then spins in MPI_Init until its time limit. Slurm numbers jobs from FirstJobId
+# (default 1) each time it starts from empty state, so each instance starts at job ids that
+# no earlier instance on this machine used, and `down` removes the segments of its own steps.
+JOBID_FILE=${SLURM_LOCAL_JOBID_FILE:-/var/tmp/slurm-local.next-job-id}
+JOBID_SPAN=1000                      # ids reserved per instance (a test module submits ~10)
+MAX_JOB_ID=67043328                  # Slurm's default MaxJobId
+
+pick_first_job_id() {  # print a FirstJobId; reserve JOBID_SPAN ids from it
+  # the clock (seconds, modulo the id range), or past the last instance's reservation when
+  # that is later (instances started in the same second, or running side by side); the
+  # counter file, under flock, only needs to outlive /dev/shm's segments (a reboot ends both)
+  local fd clock next first
+  clock=$(( $(date +%s) % (MAX_JOB_ID - 2 * JOBID_SPAN) + JOBID_SPAN ))
+  mkdir -p "$(dirname "$JOBID_FILE")"
+  exec {fd}>>"$JOBID_FILE"
+  flock -w 30 "$fd" || { log "no lock on $JOBID_FILE after 30 s"; return 1; }
+  next=$(head -c 12 "$JOBID_FILE" | tr -dc 0-9); next=$(( 10#${next:-0} ))
+  first=$(( next > clock ? next : clock ))
+  (( first + JOBID_SPAN < MAX_JOB_ID )) || first=$JOBID_SPAN   # wrapped (after ~67,000 instances)
+  echo $(( first + JOBID_SPAN )) > "$JOBID_FILE"
+  exec {fd}>&-
+  echo "$first"
+}
+
+fnv1a() {  # fnv1a STRING: 32-bit FNV-1a as MPICH's HASH_FNV computes it, in %x
+  local s=$1 h=2166136261 i c
+  for ((i = 0; i < ${#s}; i++)); do
+    printf -v c %d "'${s:i:1}"
+    h=$(( ((h ^ c) * 16777619) & 0xffffffff ))
+  done
+  printf %x "$h"
+}
+
+remove_own_segments() {  # the MPICH segments of this instance's steps (their processes are gone)
+  local first step j h f removed=""
+  first=$(cat "$ROOT/first_job_id" 2>/dev/null) || return 0
+  # every step that this instance's slurmd launched; the id range excludes earlier instances
+  # that used the same ROOT (their lines are in the same log)
+  for step in $(grep -ohP 'launch task StepId=\K[0-9]+\.[0-9]+' "$ROOT/log/slurmd.log" \
+                2>/dev/null | sort -u); do
+    j=${step%.*}
+    (( j >= first && j < first + JOBID_SPAN )) || continue
+    h=$(fnv1a "$step")
+    for f in /dev/shm/mpich_shm_"$h"_[0-9]* /dev/shm/mpich_vci_"$h"_[0-9]*; do
+      [ -f "$f" ] || continue
+      rm -f -- "$f" && removed="$removed ${f#/dev/shm/} (step $step)"
+    done
+  done
+  if [ -n "$removed" ]; then log "down: removed segments of this instance's killed steps:$removed"; fi
+  rm -f "$ROOT/first_job_id"
+}
 
 install() {
   if command -v sbatch >/dev/null && [ -x $SBIN/slurmd ] && [ -x $SBIN/slurmctld ]; then
@@ -39,6 +97,8 @@ write_conf() {
   local mem; mem=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 512 ))
   mkdir -p "$ROOT"/{state,spool,log}
   : > "$ROOT/plugstack.conf"          # keep /etc/slurm/plugstack.conf out of it
+  FIRST_JOB_ID=${FIRST_JOB_ID:-$(pick_first_job_id)}
+  echo "$FIRST_JOB_ID" > "$ROOT/first_job_id"
   cat > "$SLURM_CONF" <<EOF
 ClusterName=ci
 SlurmctldHost=$NODE(127.0.0.1)
@@ -52,6 +112,8 @@ CredType=cred/none
 AuthInfo=cred_expire=${SLURM_LOCAL_CRED_EXPIRE:-5}
 # fast scheduling for tests (defaults: main loop every 60 s, backfill every 30 s)
 SchedulerParameters=sched_interval=1,bf_interval=1
+# fresh job ids for every instance: see pick_first_job_id
+FirstJobId=$FIRST_JOB_ID
 StateSaveLocation=$ROOT/state
 SlurmdSpoolDir=$ROOT/spool
 SlurmctldPidFile=$ROOT/slurmctld.pid
@@ -81,6 +143,7 @@ up() {
   [ -s "$ROOT/ctld.mypid" ] && kill -0 "$(cat "$ROOT/ctld.mypid")" 2>/dev/null && { log "already up"; return; }
   rm -rf "$ROOT/state" "$ROOT/spool"
   write_conf
+  log "up: FirstJobId=$FIRST_JOB_ID (ids $FIRST_JOB_ID..$((FIRST_JOB_ID + JOBID_SPAN - 1)) reserved in $JOBID_FILE; no earlier instance here used them)"
   # -D: stay in foreground so $! is the daemon's PID; setsid: own process group
   setsid $SBIN/slurmctld -D -f "$SLURM_CONF" >"$ROOT/log/slurmctld.out" 2>&1 < /dev/null &
   echo $! > "$ROOT/ctld.mypid"
@@ -130,6 +193,7 @@ down() {
   if [ -n "${victims// }" ]; then
     log "SIGKILL leftover step processes:$victims"; kill -9 $victims 2>/dev/null || true
   fi
+  remove_own_segments
   log "down"
 }
 
