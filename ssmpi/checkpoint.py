@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -99,25 +100,32 @@ def _no_space(e: BaseException) -> bool:
 
 def write_unit(folder: Path, engine, l: int, meta: dict) -> Tuple[str, str]:
     """Write unit l's file atomically; returns (file name, sha256). On any error the
-    temporary file is removed and the error raised."""
+    temporary file is removed and the error raised; a full disk is ``OSError(ENOSPC)``
+    naming the file.
+
+    The HDF5 file is built in memory and written with plain ``write`` + ``fsync``: HDF5
+    reports a failed write only from a destructor (or not at all, when its cache absorbs
+    the data), which would leave a damaged file that looks complete."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"unit-{l:02d}.h5"
     final = folder / name
-    tmp = folder / f".{name}.tmp{os.getpid()}"
+    buf = io.BytesIO()
+    _write_unit_file(buf, engine, l, meta)
+    data = buf.getvalue()
     try:
-        _write_unit_file(tmp, engine, l, meta)
-        os.replace(tmp, final)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(final, data)
+    except OSError as e:
         if _no_space(e):
-            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
         raise
-    return name, _sha256(final)
+    return name, hashlib.sha256(data).hexdigest()
 
 
-def _write_unit_file(tmp: Path, engine, l: int, meta: dict):
+def _write_unit_file(target, engine, l: int, meta: dict):
+    """Unit l's parameters, optimizer state and RNG as HDF5 into ``target`` (a path or a
+    binary file object)."""
     u, opt = engine.units[l], engine.opt[l]
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(target, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
         f.attrs["unit"] = l
@@ -136,9 +144,6 @@ def _write_unit_file(tmp: Path, engine, l: int, meta: dict):
             rng = getattr(layer, "rng", None)
             if rng is not None:
                 rg.attrs[f"{i}.{layer.name}"] = json.dumps(rng.bit_generator.state)
-        f.flush()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 def save(run_dir, engine, comm, *, iteration: int, epoch: int, batch: int, step: int = 0,
@@ -165,9 +170,10 @@ def save(run_dir, engine, comm, *, iteration: int, epoch: int, batch: int, step:
                 for l in engine.local:
                     mine[l] = write_unit(folder, engine, l, meta)
         except Exception as e:  # report on rank 0, never leave others waiting
-            err = f"rank {comm.rank}: {e}" if _no_space(e) else \
-                f"rank {comm.rank}: {type(e).__name__}: {e}"
-            kind = "nospace" if _no_space(e) else "error"
+            if _no_space(e):
+                err, kind = Path(e.filename or folder).name, "nospace"
+            else:
+                err, kind = f"rank {comm.rank}: {type(e).__name__}: {e}", "error"
     gathered = comm.gather((mine, err, kind), root=0,
                            what=f"the unit files of checkpoint {folder.name}")
     path = None
@@ -182,8 +188,10 @@ def save(run_dir, engine, comm, *, iteration: int, epoch: int, batch: int, step:
                                       f"no checkpoint written (the last good one: "
                                       f"{last or 'none'})")
             if any(k == "nospace" for _, k in errors):
+                files = ", ".join(e for e, k in errors if k == "nospace")
                 raise OSError(errno.ENOSPC, "No space left on device",
-                              f"{folder} ({text})")
+                              f"writing checkpoint {folder} ({files}); the partial "
+                              "checkpoint was removed, the earlier ones are intact")
             raise CheckpointError("checkpoint not written: " + text)
         units = {}
         for d, _, _ in gathered:
@@ -199,7 +207,8 @@ def save(run_dir, engine, comm, *, iteration: int, epoch: int, batch: int, step:
             shutil.rmtree(folder, ignore_errors=True)
             if _no_space(e):
                 raise OSError(errno.ENOSPC, "No space left on device",
-                              str(folder / "manifest.json")) from None
+                              f"writing checkpoint {folder} (manifest.json); the partial "
+                              "checkpoint was removed, the earlier ones are intact") from None
             raise
         path = folder
         prune(run_dir, keep)

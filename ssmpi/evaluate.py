@@ -12,10 +12,15 @@ Prints one line and writes the metrics as JSON (``--json``).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from . import program
+
+if __name__ == "__main__":  # before the slow imports: a job may be signalled as it starts
+    program.install_signals()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def resolve(checkpoint: str):
@@ -62,20 +67,28 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=0, help="limit batches (0 = all)")
     ap.add_argument("--json", default=None, help="also write the metrics to this file")
     args = ap.parse_args(argv)
-    from . import program
 
     def body(comm, stopper):
         from . import checkpoint as ckpt
         from .config import load_config
         from .train import _as_comm, evaluate
 
-        folder, run_dir = resolve(args.checkpoint)
+        # bad input found by some ranks (data, checkpoint) is one line, printed once, and
+        # ends the job before any work
+        folder, run_dir = program.agree(comm, lambda: resolve(args.checkpoint),
+                                        "the checkpoint to evaluate")
         cfg = load_config(str(run_dir / "config.toml"), ["run.progress=false", *args.set])
         _as_comm(comm, cfg)
         setup = _setup_any_size(cfg, comm, fixed="engine.replicas" in " ".join(args.set))
         split = args.split or cfg.data.eval_split
-        loader = setup.loader(split, train=False)  # bad data: an error before any work
-        ckpt.load(folder, setup.engine)
+        loader = program.agree(comm, lambda: setup.loader(split, train=False),
+                               "the data check of every rank")
+        try:
+            program.agree(comm, lambda: ckpt.load(folder, setup.engine),
+                          "the checkpoint check of every rank")
+        except program.AgreedError:
+            loader.close()
+            raise
         res = evaluate(setup, split, args.batches, loader=loader)
         if comm.rank == 0:
             res = dict(res or {}, checkpoint=str(folder))

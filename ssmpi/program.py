@@ -15,11 +15,18 @@ Exit codes: 0 done, 1 failed, 2 bad input, 99 stopped by a signal after a checkp
 from __future__ import annotations
 
 import errno
+import os
+import select
 import signal
 import sys
+import warnings
 from typing import Callable
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_REQUEUE = 0, 1, 2, 99
+# MPI_Init and the watchdog's first collective must complete within this many seconds
+# (SSMPI_STARTUP_S): a rank that never starts, or stops while the job starts, would
+# otherwise leave the others in MPI_Init forever (it holds the GIL: no thread can help)
+STARTUP_S = 120.0
 
 
 class Stopper:
@@ -42,6 +49,25 @@ class Stopper:
         self.signame = name
 
 
+_STOPPER = None
+
+
+def install_signals() -> Stopper:
+    """Install the SIGUSR1 / SIGTERM handlers (once per process); the programs call this
+    first thing, before their heavy imports."""
+    global _STOPPER
+    if _STOPPER is None:
+        _STOPPER = Stopper()
+        _STOPPER.install()
+    return _STOPPER
+
+
+class AgreedError(RuntimeError):
+    """Bad input found by some ranks and made known to every rank (one line, exit 2)."""
+
+    collective = True
+
+
 def user_errors():
     """The exception types that mean bad input (exit 2)."""
     from .checkpoint import CheckpointError
@@ -50,7 +76,55 @@ def user_errors():
     from .engine.topology import TopologyError
     from .rundir import RunDirError
 
-    return (ConfigError, DataError, TopologyError, CheckpointError, RunDirError)
+    return (ConfigError, DataError, TopologyError, CheckpointError, RunDirError, AgreedError)
+
+
+def agree(comm, fn: Callable, what: str):
+    """``fn()`` on every rank; bad input on any rank becomes an :class:`AgreedError` on
+    every rank (so it is printed once, and no rank is left waiting). Returns ``fn()``."""
+    out, err = None, None
+    try:
+        out = fn()
+    except user_errors() as e:
+        err = str(e)
+    errors = [e for e in comm.allgather(err, what=what) if e]
+    if errors:
+        raise AgreedError(errors[0])
+    return out
+
+
+def _startup_guard():
+    """Fork a watcher that kills this rank unless :func:`run` closes the returned pipe
+    within ``SSMPI_STARTUP_S`` seconds (when this rank ends, the pipe closes too). A fork,
+    not a new interpreter: it costs nothing when MPI starts in time."""
+    limit = float(os.environ.get("SSMPI_STARTUP_S", STARTUP_S))
+    if limit <= 0 or not hasattr(os, "fork"):
+        return None
+    rank = next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+                 if k in os.environ), "?")
+    parent = os.getpid()
+    r, w = os.pipe()
+    with warnings.catch_warnings():  # Python >= 3.12 warns about fork with BLAS threads;
+        warnings.simplefilter("ignore")  # the child only waits on a pipe, then exits
+        pid = os.fork()
+    if pid == 0:  # the watcher: no imports, no locks, never returns
+        try:
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(w)
+            if not select.select([r], [], [], limit)[0] and os.getppid() == parent:
+                os.write(2, f"[rank {rank}] ERROR MPI start-up did not complete within "
+                            f"{limit:.0f}s (a rank of the job did not start, or was stopped; "
+                            f"SSMPI_STARTUP_S); killing this rank\n".encode())
+                os.kill(parent, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.close(r)
+    _GUARDS.append(pid)
+    return w
+
+
+_GUARDS = []  # watcher pids, reaped by run()
 
 
 def run(prog: str, body: Callable, argv_note: str = "") -> int:
@@ -59,20 +133,29 @@ def run(prog: str, body: Callable, argv_note: str = "") -> int:
 
     mpi4py.rc.initialize = False  # our signal handlers first
     mpi4py.rc.finalize = True
-    stopper = Stopper()
-    stopper.install()
+    stopper = install_signals()
     from . import failure
 
     failure.install()
     from .engine import transport
 
+    guard = _startup_guard()
     world = transport.init_world()
     failure.set_context(world.Get_rank())
-    comm = transport.Comm(world)
+    comm = transport.Comm(world)  # from here on, every wait is under the watchdog
+    if guard is not None:
+        os.close(guard)
+        for pid in _GUARDS:  # the watcher sees the pipe close and exits: reap it
+            os.waitpid(pid, 0)
+        _GUARDS.clear()
     comm.watch.stop_requested = lambda: bool(stopper.flag)
     errors = user_errors()
     try:
-        return body(comm, stopper)
+        code = body(comm, stopper)
+        # a rank that stops now would leave the others in MPI_Finalize, which no watchdog
+        # sees: meet here first
+        comm.barrier(what="every rank to finish")
+        return code
     except errors as e:
         return _input_error(prog, comm, e)
     except OSError as e:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 LOCK = "run.lock"
+UNREADABLE_STALE_S = 10.0  # an empty lock younger than this may be a run writing it now
 # the keys a checkpoint depends on: a resume with other values cannot load it
 FIXED_BY_CHECKPOINT = ("model.*", "engine.mode", "engine.k", "engine.fuse",
                        "engine.modules_per_unit", "optim.name", "run.dtype")
@@ -54,12 +55,17 @@ class RunLock:
                         f"{_when(other.get('started'))}); choose another run.name, or delete "
                         f"{self.path} if that run is gone") from None
                 if warn is not None:
-                    warn(f"taking over the stale lock {self.path} (pid {other.get('pid')} on "
-                         f"{other.get('host')} is gone)")
+                    warn(f"taking over the stale lock {self.path} " + (
+                        f"(pid {other.get('pid')} on {other.get('host')} is gone)" if other
+                        else "(empty or unreadable)"))
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:  # e.g. a full disk: leave no empty lock behind
+                self.path.unlink(missing_ok=True)
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
             self.held = True
             return self
         raise RunDirError(f"{self.path}: could not take the lock")
@@ -79,13 +85,17 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
-    @staticmethod
-    def _stale(other: dict) -> bool:
+    def _stale(self, other: dict) -> bool:
+        if not other:  # empty or unreadable: a crash while writing it, unless it is that new
+            try:
+                return time.time() - self.path.stat().st_mtime > UNREADABLE_STALE_S
+            except OSError:
+                return True
         if other.get("host") != socket.gethostname():
             return False  # cannot tell from here
         pid = other.get("pid")
         if not isinstance(pid, int):
-            return True  # unreadable: a crash while writing it
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -123,7 +133,11 @@ def read_config(run_dir) -> Optional[dict]:
         return None
     from .config import tomllib
 
-    return tomllib.loads(p.read_text())
+    try:
+        return tomllib.loads(p.read_text())
+    except (OSError, ValueError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise RunDirError(f"{p}: unreadable ({str(e).splitlines()[0] if str(e) else e!r}); "
+                          "cannot check that the resume fits the run") from None
 
 
 def truncate_metrics(path, iteration: int) -> int:
@@ -147,6 +161,44 @@ def truncate_metrics(path, iteration: int) -> int:
         keep.append(line)
     if dropped:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(x + "\n" for x in keep))
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. a full disk: the old file stays, the temporary goes
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from None
     return dropped
+
+
+class MetricsLog:
+    """``metrics.jsonl`` opened for appending: one JSON object per line, flushed at once.
+    A failed write (a full disk) raises an ``OSError`` that names the file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._f = open(self.path, "a")
+
+    def write(self, record: dict):
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+
+    def close(self):
+        try:
+            self._f.close()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+
+
+def write_config(run_dir, text: str):
+    """Write the run's ``config.toml`` atomically: a failed write (a full disk) keeps the
+    earlier file and raises an ``OSError`` that names it."""
+    from .checkpoint import atomic_write_bytes
+
+    path = Path(run_dir) / "config.toml"
+    try:
+        atomic_write_bytes(path, text.encode())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None

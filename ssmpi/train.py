@@ -17,16 +17,20 @@ checkpoint (a job script turns this into ``scontrol requeue``).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
-from typing import Optional
+from . import program
 
-import numpy as np
+if __name__ == "__main__":  # before the slow imports: a job may be signalled as it starts
+    program.install_signals()
 
-from .program import EXIT_REQUEUE, Stopper  # noqa: F401 (Stopper: earlier home)
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .program import EXIT_REQUEUE, Stopper  # noqa: E402, F401 (Stopper: earlier home)
 
 
 def _limit_blas_threads(world_size: int):
@@ -399,15 +403,17 @@ def _prepare_run(cfg, comm, setup: Setup, resume: bool, start_over: bool):
             path = None
             if resume:
                 path, skipped = ckpt.latest_checkpoint(run_dir)
-                for why in skipped:
-                    failure.warn(f"skipping checkpoint {why}")
                 if path is None and skipped and not start_over:
                     raise RunDirError(f"--resume: every checkpoint in {run_dir}/checkpoints is "
-                                      f"damaged ({len(skipped)}); add --start-over to train "
-                                      "from scratch (the damaged checkpoints stay)")
+                                      f"damaged ({'; '.join(skipped)}); add --start-over to "
+                                      "train from scratch")
+                for why in skipped:
+                    failure.warn(f"skipping checkpoint {why}")
                 if path is None:
-                    failure.warn(f"--resume: no checkpoint in {run_dir}/checkpoints; starting "
-                                 "from scratch")
+                    why = "every checkpoint is damaged (--start-over)" if skipped else \
+                        "no checkpoint"
+                    failure.warn(f"--resume: {why} in {run_dir}/checkpoints; training from "
+                                 "scratch")
                 saved = read_config(run_dir) if path is not None else None
                 if saved is not None:
                     conflicts = resume_conflicts(saved, cfg.to_dict())
@@ -466,27 +472,27 @@ def train(cfg, comm, *, resume: bool = False, start_over: bool = False,
 def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
     from . import checkpoint as ckpt
     from .engine.losses import DivergenceError
-    from .rundir import truncate_metrics
+    from .rundir import MetricsLog, truncate_metrics, write_config
 
     eng, rank, run_dir, T = setup.engine, setup.rank, cfg.run_dir(), cfg.data.clip_len
     start = 0
+    if path is not None:  # before anything is written: a checkpoint that does not fit
+        from .program import agree  # leaves the run folder as it was
+
+        man = agree(comm, lambda: ckpt.load(path, eng), "the checkpoint check of every rank")
+        start = int(man["iteration"])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
+        write_config(run_dir, cfg.to_toml())
         sys.stdout.write(setup.summary() + "\n")
-        sys.stdout.flush()
-    comm.barrier(what="the run folder to be ready")
-    if path is not None:
-        man = ckpt.load(path, eng)
-        start = int(man["iteration"])
-        if rank == 0:
-            dropped = truncate_metrics(run_dir / "metrics.jsonl", start)
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", start)  # no stale lines
+        if path is not None:
             sys.stdout.write(f"resumed from {path} (iteration {start})"
                              + (f"; metrics.jsonl: {dropped} lines after it dropped" if dropped
                                 else "") + "\n")
-    elif rank == 0 and (run_dir / "metrics.jsonl").exists():
-        truncate_metrics(run_dir / "metrics.jsonl", 0)  # a fresh start: no stale lines
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+        sys.stdout.flush()
+    comm.barrier(what="the run folder to be ready")
+    metrics_f = MetricsLog(run_dir / "metrics.jsonl") if rank == 0 else None
     bar = None
     if rank == 0 and cfg.run.progress:
         from tqdm import tqdm
@@ -528,10 +534,12 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
             comm.watch.observe(dt)  # the watchdog scales with the slowest iteration
             done_iters += 1
             if setup.is_top and st.losses and cfg.run.diverge_loss and \
-                    st.loss > cfg.run.diverge_loss:
+                    not st.loss <= cfg.run.diverge_loss:  # NaN too
+                last, _ = ckpt.latest_checkpoint(run_dir)
                 raise DivergenceError(f"training diverged at iteration {it + 1}: loss "
                                       f"{st.loss:.4g} > run.diverge_loss = "
-                                      f"{cfg.run.diverge_loss:g} (lower optim.lr?)")
+                                      f"{cfg.run.diverge_loss:g} (lower optim.lr?); the last "
+                                      f"good checkpoint: {last or 'none'}")
             acc = None
             if setup.is_top and st.probs is not None and b.labels is not None:
                 acc = float((st.probs.argmax(1) == b.labels).mean())
@@ -560,8 +568,7 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
                              frames_per_s=round(frames_per_it / dt, 2),
                              data_wait_s=round(max(r["data_wait_s"] for r in allrec), 5),
                              units=units, time=round(time.perf_counter() - t_start, 3))
-                    metrics_f.write(json.dumps(m) + "\n")
-                    metrics_f.flush()
+                    metrics_f.write(m)
                 if bar is not None:
                     bar.update(1)
                     post = {"loss": f"{loss:.3f}" if loss is not None else "-",
@@ -588,8 +595,7 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
                     and it + 1 < cfg.run.iterations:
                 last_eval = evaluate(setup, cfg.data.eval_split, cfg.run.eval_batches)
                 if rank == 0:
-                    metrics_f.write(json.dumps(dict(eval=last_eval, iteration=it + 1)) + "\n")
-                    metrics_f.flush()
+                    metrics_f.write(dict(eval=last_eval, iteration=it + 1))
                 if stream:
                     eng.start_stream()
     finally:
@@ -612,7 +618,7 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
                    trained_iterations=done_iters, seconds=round(elapsed, 2),
                    frames_per_s=round(frames_per_it * done_iters / max(elapsed, 1e-9), 2))
     if rank == 0:
-        metrics_f.write(json.dumps(summary) + "\n")
+        metrics_f.write(summary)
         metrics_f.close()
         e = final or {}
         txt = (f"done: {done_iters} iterations in {elapsed:.1f}s "
@@ -673,7 +679,6 @@ def main(argv=None) -> int:
     ap.add_argument("--start-over", action="store_true",
                     help="with --resume: train from scratch when every checkpoint is damaged")
     args = ap.parse_args(argv)
-    from . import program
 
     def body(comm, stopper):
         from .config import load_config

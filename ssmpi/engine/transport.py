@@ -157,8 +157,10 @@ class Watch:
                     if limit and waited > limit:
                         self._fire(what + (f" ({detail()})" if detail else ""), peers, waited)
                     elif self.stop_requested() and waited > self._stop_grace(limit):
-                        raise HangError(f"rank {self.me}: asked to stop by a signal while "
-                                        f"waiting {waited:.0f}s for {what}")
+                        # a signal asked to stop and this wait makes no progress: the
+                        # watchdog's conversation now, so that one line names who is silent
+                        self._fire(what + (f" ({detail()})" if detail else ""), peers, waited,
+                                   "; a signal asked the job to stop")
         except MPI.Exception as err:  # a rank died (kill -9, node failure): name it
             msg = lost(err) if lost is not None else (
                 f"rank {self.me}: lost a rank of the job while waiting for {what} "
@@ -189,7 +191,7 @@ class Watch:
         if self._pongs and MPI.Request.Testall(self._pongs):
             self._pongs, self._pong_buf = [], []
 
-    def _fire(self, what: str, peers: Sequence[int], waited: float):
+    def _fire(self, what: str, peers: Sequence[int], waited: float, why: str = ""):
         """The watchdog fired on this rank: find who stopped answering; report once."""
         self.detectors.add(self.me)
         ping_s = min(3.0, max(0.5, 0.2 * self.limit()))
@@ -208,9 +210,11 @@ class Watch:
                 if silent:
                     raise HangError(
                         f"watchdog: {', '.join(self.name(r) for r in silent)} stopped "
-                        f"answering (no reply within {ping_s:.1f}s); rank {self.me} {waits}")
+                        f"answering (no reply within {ping_s:.1f}s); rank {self.me} {waits}"
+                        + why)
                 raise HangError(f"watchdog: no progress for {waited:.0f}s although every rank "
-                                f"answers (ranks wait on each other); rank {self.me} {waits}")
+                                f"answers (ranks wait on each other); rank {self.me} {waits}"
+                                + why)
         # another rank reports: keep answering until the job is aborted
         deadline = time.perf_counter() + ping_s + 30.0
         while time.perf_counter() < deadline:
@@ -291,6 +295,9 @@ class Comm:
         return self.watch.wait(reqs, what, self.watch_ranks(peers), lost, detail)
 
     def split(self, color: int, key: int) -> "Comm":
+        # MPI_Comm_split blocks outside the watch: meet in a watched barrier first, so that
+        # a rank that stopped before it is named instead of leaving the others in the split
+        self.barrier(what="every rank to split the communicator")
         return Comm(self.mpi.Split(color, key), self.watch)
 
     # -- collectives (every rank of the communicator calls them) -------------------------
