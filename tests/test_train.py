@@ -77,6 +77,10 @@ def test_resume_after_kill_reaches_the_same_parameters(motion, tmp_path):
     res = run_train(4, args + ["--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
+    # metrics.jsonl: the lines logged after the checkpoint, before the kill, are dropped
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().split(
+        "\n") if x]
+    assert [m["iteration"] for m in lines if "loss" in m] == list(range(1, 13))
     a, b = final_params(tmp_path / "ref"), final_params(tmp_path / "cut")
     assert a.keys() == b.keys()
     for l in a:
@@ -189,18 +193,31 @@ def test_stream_mode_trains(motion, tmp_path):
     assert all(np.isfinite(a).all() for d in p0.values() for a in d.values())
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(240)
 def test_replicas_evaluate_the_whole_split(motion, tmp_path):
     """2 replicas x 2 units: the final evaluation counts every test video once (both
-    replicas' shards), and the evaluation CLI on 1 rank gives the same numbers."""
+    replicas' shards); the evaluation CLI gives the same numbers, loss included, on any
+    placement (1 rank; 2 ranks as 2 replicas; 4 ranks as 2 replicas x 2) and with a batch
+    size that pads the last batch (16 videos in batches of 5; 2 replicas of 8 videos in
+    batches of 3)."""
     p = run_train(4, base_args(motion, tmp_path, "r", "--set", "model.units=2", "--set",
                                "engine.replicas=2", "--set", "run.iterations=3"))
     assert p.returncode == 0, p.stderr[-3000:]
     final = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["eval"]["videos"] == 16 and final["eval"]["replicas"] == 2
-    e = subprocess.run([sys.executable, "-m", "ssmpi.evaluate", "--checkpoint",
-                        str(tmp_path / "r"), "--json", str(tmp_path / "e.json")],
-                       capture_output=True, text=True, timeout=120, env=ENV)
-    assert e.returncode == 0, e.stderr[-2000:]
-    ev = json.loads((tmp_path / "e.json").read_text())
-    assert ev["videos"] == 16 and ev["clip_acc"] == final["eval"]["clip_acc"]
+    ref = final["eval"]
+    for n, sets in [(1, []), (2, ["engine.replicas=2"]), (4, []), (1, ["data.batch_size=5"]),
+                    (2, ["engine.replicas=2", "data.batch_size=3"])]:
+        out = tmp_path / f"e{n}-{len(sets)}.json"
+        cmd = [sys.executable, "-m", "ssmpi.evaluate", "--checkpoint", str(tmp_path / "r"),
+               "--json", str(out)]
+        for s in sets:
+            cmd += ["--set", s]
+        e = subprocess.run((["mpiexec", "-n", str(n)] if n > 1 else []) + cmd,
+                           capture_output=True, text=True, timeout=120, env=ENV)
+        assert e.returncode == 0, e.stderr[-2000:]
+        ev = json.loads(out.read_text())
+        print(n, sets, ev["replicas"], ev["loss"], ev["clip_acc"])
+        assert ev["videos"] == 16 and ev["clips"] == 16, (n, sets, ev)
+        assert ev["clip_acc"] == ref["clip_acc"] and ev["video_acc"] == ref["video_acc"]
+        assert abs(ev["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"]), (n, sets, ev, ref)

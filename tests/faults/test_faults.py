@@ -5,6 +5,7 @@ a non-zero exit, and must not touch what earlier runs wrote.
 """
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -133,11 +134,19 @@ def test_kill_one_rank_ends_the_job_and_resume_is_bitwise(motion, tmp_path):
     newest, _ = ckpt.latest_checkpoint(tmp_path / "cut")
     res = run_train(4, args + ["--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
+    # one metrics line per iteration: those logged after the checkpoint were dropped
+    assert _train_iterations(tmp_path / "cut") == list(range(1, 25)), why
     if newest is not None:
         last = int(newest.name.split("-")[1])
         assert last in ((done // 4) * 4, (done // 4) * 4 - 4), (last, done, why)
         assert f"ckpt-{last:08d} (iteration {last})" in res.stdout, (res.stdout[-2000:], why)
     same_params(tmp_path / "ref", tmp_path / "cut")
+
+
+def _train_iterations(run):
+    """The iteration of every training line of metrics.jsonl, in order."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["iteration"] for m in lines if "loss" in m and "iteration" in m]
 
 
 def _alive(proc_dir: Path) -> bool:
@@ -195,6 +204,7 @@ def test_resume_skips_truncated_and_garbled_checkpoints(motion, tmp_path):
         in res.stderr, res.stderr
     assert "skipping checkpoint ckpt-00000008: manifest.json unreadable" in res.stderr
     assert f"resumed from {cks}/ckpt-00000004 (iteration 4)" in res.stdout
+    assert _train_iterations(tmp_path / "c") == list(range(1, 13))  # 5..12 logged once
     same_params(tmp_path / "ref", tmp_path / "c")
     # the resumed run rewrote the damaged checkpoints
     assert ckpt.latest_checkpoint(tmp_path / "c") == (cks / "ckpt-00000012", [])
