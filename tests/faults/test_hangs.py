@@ -293,3 +293,28 @@ def test_signal_during_startup_stops_cleanly(motion, tmp_path, jobs):
     assert "stopped by signal at iteration 1;" in err, err[-3000:]
     assert (tmp_path / "e" / "checkpoints" / "ckpt-00000001" / "manifest.json").is_file()
     assert "Traceback" not in err
+
+
+@pytest.mark.timeout(120)
+def test_second_sigterm_aborts_at_once(motion, tmp_path, jobs):
+    """Rank 2 stops; SIGTERM to every rank, and again a second later: the second signal
+    aborts the job at once (an impatient user, or SLURM's second signal)."""
+    job = Job(4, helpers.base_args(motion, tmp_path, "t2", "--set", "run.iterations=400"))
+    jobs.append(job)
+    ranks = job.find_ranks()
+    job.wait_for(lambda: _metric_lines(tmp_path / "t2" / "metrics.jsonl") >= 3)
+    job.stop(2)
+    for _ in range(2):
+        time.sleep(1.0)
+        t_term = time.monotonic()
+        for pid in ranks.values():
+            os.kill(pid, signal.SIGTERM)
+    out, err, _ = job.finish(timeout=60)
+    dt = time.monotonic() - t_term
+    lines = [ln for ln in err.splitlines() if "interrupted" in ln]
+    print(f"exit {job.proc.returncode} {dt:.1f}s after the second SIGTERM: {lines}")
+    assert job.proc.returncode != 0
+    assert dt < 5, f"{dt:.1f}s after the second signal"
+    assert lines and all("second signal (SIGTERM, then SIGTERM)" in ln for ln in lines), err
+    assert "Traceback" not in err
+    assert not job.leftovers()
