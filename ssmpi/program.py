@@ -139,7 +139,7 @@ def run(prog: str, body: Callable, argv_note: str = "") -> int:
     failure.install()
     from .engine import transport
 
-    guard = _startup_guard()
+    guard = None if transport.MPI.Is_initialized() else _startup_guard()
     world = transport.init_world()
     failure.set_context(world.Get_rank())
     comm = transport.Comm(world)  # from here on, every wait is under the watchdog

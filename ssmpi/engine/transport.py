@@ -248,7 +248,18 @@ class Watch:
 
 
 # -- 2. collectives ------------------------------------------------------------------------
-_WATCHES: Dict[int, Watch] = {}
+_WATCH_KEY = None  # MPI attribute key: a communicator's Watch lives and dies with it
+
+
+def _cached_watch(comm) -> Optional[Watch]:
+    """The Watch made earlier for this very communicator, if any. Kept as an MPI attribute,
+    not in a dict keyed by the handle: MPICH reuses the handle of a freed communicator, and
+    a stale Watch found on some ranks only would make them skip the Dup that the others
+    enter (mismatched collectives: a deadlock)."""
+    global _WATCH_KEY
+    if _WATCH_KEY is None:
+        _WATCH_KEY = MPI.Comm.Create_keyval()
+    return comm.Get_attr(_WATCH_KEY)
 
 
 class Comm:
@@ -269,9 +280,10 @@ class Comm:
         self.mpi = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         if watch is None:
-            watch = _WATCHES.get(self.mpi.py2f())
+            watch = _cached_watch(self.mpi)
             if watch is None:  # one per communicator: a Dup is a collective and not free
-                watch = _WATCHES[self.mpi.py2f()] = Watch(self.mpi, **watch_kw)
+                watch = Watch(self.mpi, **watch_kw)
+                self.mpi.Set_attr(_WATCH_KEY, watch)
             elif watch_kw:
                 watch.configure(**watch_kw)
         self.watch = watch

@@ -116,6 +116,8 @@ def test_kill_one_rank_ends_the_job_and_resume_is_bitwise(motion, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     text = out + err
+    print(f"kill -9 of rank {victim}: exit {proc.returncode} {dt:.1f}s after the kill: "
+          f"{[ln for ln in text.splitlines() if 'BAD TERMINATION' in ln or '] ERROR' in ln]}")
     assert dt < 10, f"the job took {dt:.1f} s to end {why}"
     assert proc.returncode != 0, why
     # some message says that a process died (which one: see the xfail test below)
