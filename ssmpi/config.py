@@ -63,7 +63,7 @@ class EngineConfig:
     placement: str = "contiguous"  # contiguous groups | balanced (by measured unit step times)
     schedule: str = "reset"  # reset (one update per clip) | stream (montage, no resets)
     update_every: int = 16  # stream mode: steps between each unit's updates
-    wait_mode: str = "poll"  # poll (yields the core; oversubscribed) | block (MPI Waitall)
+    wait_mode: str = "poll"  # poll (test + sleep: yields the core) | block (spin on the test)
     watchdog_s: float = 60.0  # a wait that makes no progress this long (and at least
     #                           watchdog_factor x the slowest iteration) ends the job, naming
     #                           the ranks that stopped answering (0 = off)

@@ -534,7 +534,7 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
             comm.watch.observe(dt)  # the watchdog scales with the slowest iteration
             done_iters += 1
             if setup.is_top and st.losses and cfg.run.diverge_loss and \
-                    not st.loss <= cfg.run.diverge_loss:  # NaN too
+                    st.loss > cfg.run.diverge_loss:  # NaN: engine.nonfinite decides
                 last, _ = ckpt.latest_checkpoint(run_dir)
                 raise DivergenceError(f"training diverged at iteration {it + 1}: loss "
                                       f"{st.loss:.4g} > run.diverge_loss = "

@@ -288,7 +288,8 @@ def test_signal_during_startup_stops_cleanly(motion, tmp_path, jobs):
                 job.ranks[rank] = pid
         time.sleep(0.001)
     out, err, dt = job.finish(timeout=60)
-    print(f"SIGUSR1 sent (s after mpiexec started): {sent}; exit {job.proc.returncode}")
+    print(f"SIGUSR1 sent (s after mpiexec started): {sent}; exit {job.proc.returncode} "
+          f"{time.monotonic() - job.t0 - max(sent.values()):.1f}s after the last signal")
     assert job.proc.returncode == 99, err[-3000:]
     assert "stopped by signal at iteration 1;" in err, err[-3000:]
     assert (tmp_path / "e" / "checkpoints" / "ckpt-00000001" / "manifest.json").is_file()
