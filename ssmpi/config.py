@@ -40,6 +40,8 @@ class RunConfig:
     progress: bool = True  # tqdm progress bar on rank 0
     trace: int = 0  # trace this many iterations (after the first) -> <run>/trace.json + .png
     diverge_loss: float = 1e4  # a training loss above this ends the run as diverged (0 = never)
+    record: int = 0  # record the messages of this iteration (1-based) -> <run>/grid.txt: the
+    #                  measured rank x step grid, checked against the plan (0 = off)
 
 
 @dataclass
@@ -61,7 +63,8 @@ class EngineConfig:
     modules_per_unit: int = 1  # group consecutive modules into units (VGG16 on 8 ranks: 2)
     replicas: int = 1  # data-parallel replicas of the pipeline (world size = replicas x ranks)
     placement: str = "contiguous"  # contiguous groups | balanced (by measured unit step times)
-    schedule: str = "reset"  # reset (one update per clip) | stream (montage, no resets)
+    clip_mode: str = "reset"  # reset (zero the pipeline, one update per clip: the paper) |
+    #                           stream (a montage of clips, no resets, real-time learning)
     update_every: int = 16  # stream mode: steps between each unit's updates
     wait_mode: str = "poll"  # poll (yields the core; oversubscribed) | block (MPI Waitall)
     watchdog_s: float = 60.0  # a wait that makes no progress this long (and at least
@@ -132,7 +135,7 @@ CHOICES = {
     "model.name": ("vgg8", "vgg16", "tiny", "fullres"),
     "engine.mode": ("bp", "sideways", "skip", "fa-skip"),
     "engine.fuse": ("concat", "add"),
-    "engine.schedule": ("reset", "stream"),
+    "engine.clip_mode": ("reset", "stream"),
     "engine.placement": ("contiguous", "balanced"),
     "engine.wait_mode": ("poll", "block"),
     "engine.nonfinite": ("raise", "skip"),
@@ -145,7 +148,7 @@ POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_u
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
             "data.stride", "data.eval_clips_per_video", "data.prefetch", "run.keep_checkpoints"}
 NON_NEGATIVE = {"run.trace", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
-                "engine.watchdog_s", "engine.watchdog_factor", "run.diverge_loss",
+                "engine.watchdog_s", "engine.watchdog_factor", "run.diverge_loss", "run.record",
                 "data.crop", "data.frame_offset", "optim.lr", "optim.weight_decay", "optim.clip",
                 "optim.warmup", "optim.min_lr", "model.num_classes", "optim.momentum"}
 
@@ -196,8 +199,30 @@ def _coerce(key: str, value: Any, default: Any):
     raise ConfigError(f"config key {key}: expected {want.__name__}, got {value!r}")
 
 
+# earlier names of config keys: still accepted, with one deprecation line each
+RENAMED = {"engine.schedule": "engine.clip_mode"}
+_warned = set()
+
+
+def _renamed(sec: str, key: str) -> tuple:
+    new = RENAMED.get(f"{sec}.{key}")
+    if new is None:
+        return sec, key
+    if new not in _warned:
+        import os
+        import sys
+
+        _warned.add(new)
+        rank = next((os.environ[v] for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+                     if v in os.environ), "0")
+        if rank == "0":  # one line per job, not one per rank
+            sys.stderr.write(f"ssmpi: config key {sec}.{key} is deprecated: use {new}\n")
+    return tuple(new.split("."))
+
+
 def _apply(cfg: Config, data: dict, origin: str):
     sections = dict(_sections(cfg))
+    data = _rename_keys(data)
     for sec, body in data.items():
         if sec == "about":
             cfg.about = str(body)
@@ -214,6 +239,18 @@ def _apply(cfg: Config, data: dict, origin: str):
                 raise ConfigError(f"{origin}: unknown config key {sec}.{k} (known in [{sec}]: "
                                   f"{', '.join(sorted(names))})")
             setattr(obj, k, _coerce(f"{sec}.{k}", v, getattr(obj, k)))
+
+
+def _rename_keys(data: dict) -> dict:
+    out = {}
+    for sec, body in data.items():
+        if not isinstance(body, dict):
+            out[sec] = body
+            continue
+        for k, v in body.items():
+            s2, k2 = _renamed(sec, k)
+            out.setdefault(s2, {})[k2] = v
+    return out
 
 
 def parse_override(text: str) -> dict:

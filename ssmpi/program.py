@@ -55,14 +55,11 @@ def user_errors():
 
 def run(prog: str, body: Callable, argv_note: str = "") -> int:
     """Start MPI after the signal handlers, then ``body(comm, stopper) -> exit code``."""
-    import mpi4py
-
-    mpi4py.rc.initialize = False  # our signal handlers first
-    mpi4py.rc.finalize = True
-    stopper = Stopper()
-    stopper.install()
     from . import failure
 
+    failure.defer_mpi_init()  # our signal handlers first
+    stopper = Stopper()
+    stopper.install()
     failure.install()
     from .engine import transport
 

@@ -179,7 +179,7 @@ def test_frame_prediction_task_end_to_end(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_stream_mode_trains(motion, tmp_path):
-    p = run_train(4, base_args(motion, tmp_path, "s", "--set", "engine.schedule=stream",
+    p = run_train(4, base_args(motion, tmp_path, "s", "--set", "engine.clip_mode=stream",
                                "--set", "engine.update_every=4", "--set", "run.iterations=4"))
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]

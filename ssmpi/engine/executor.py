@@ -66,8 +66,9 @@ class ClipStats:
 class Executor:
     """Runs the steps of the units of this rank with a transport.
 
-    ``record=True`` keeps a :class:`StepRecord` of every unit and step (host copies):
-    tests, and the message log that students compare with the plan.
+    ``record=True`` keeps a :class:`StepRecord` of every unit and step with host copies of
+    its output and parameter gradient (tests), and a log of every message sent;
+    ``record="headers"`` keeps the records without the arrays (the measured plan of a run).
     """
 
     def __init__(self, units: Dict[int, Unit], transport: Transport, *, record: bool = False,
@@ -77,6 +78,7 @@ class Executor:
         self.L = transport.topo.L
         self.record, self.tracer = record, tracer
         self.records: List[StepRecord] = []
+        self.log: List[tuple] = []  # (step, edge, kind, Message without data) sent
         self.compute_s: Dict[int, float] = {}
         self.wait_s = 0.0
 
@@ -94,16 +96,20 @@ class Executor:
             t0 = time.perf_counter()
             outbox, rec = unit_step(self.units[l], t, tp.inbox(l), x if l == 1 else None,
                                     loss if l == self.L else None, train=train,
-                                    record=self.record)
+                                    record=self.record is True)
             if send:
                 tp.send(outbox)
+                if self.record:
+                    self.log += [(t, e, kind, m._replace(data=None, valid=m.valid and m.data
+                                                         is not None)) for e, kind, m in outbox]
             t1 = time.perf_counter()
             self.compute_s[l] = self.compute_s.get(l, 0.0) + (t1 - t0)
             if tr is not None:
                 tr.add(f"U{l}", "compute", t0, t1 - t0)
-            if self.record:
-                rec.grad = backend.asnumpy(rec.grad).copy() if rec.grad is not None else None
-                rec.h = backend.asnumpy(rec.h).copy() if rec.h is not None else None
+            if self.record:  # host copies: layer buffers are reused at the next step
+                rec.grad, rec.h = _host_copy(rec.grad), _host_copy(rec.h)
+                if self.record == "headers":
+                    rec.h = None
                 self.records.append(rec)
         t0 = time.perf_counter()
         tp.wait(t)
@@ -116,6 +122,11 @@ class Executor:
 
     def reset_timers(self):
         self.compute_s, self.wait_s = {}, 0.0
+
+
+def _host_copy(a):
+    """A host copy of an array (symbols, None: themselves)."""
+    return backend.asnumpy(a).copy() if hasattr(a, "shape") else a
 
 
 class Engine:

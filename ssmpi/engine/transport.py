@@ -244,7 +244,8 @@ class Watch:
 
 
 # -- 2. collectives ------------------------------------------------------------------------
-_WATCHES: Dict[int, Watch] = {}
+_WATCHES: Dict[str, Watch] = {}
+_PREDEFINED = {"world": lambda: MPI.COMM_WORLD, "self": lambda: MPI.COMM_SELF}
 
 
 class Comm:
@@ -265,9 +266,15 @@ class Comm:
         self.mpi = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         if watch is None:
-            watch = _WATCHES.get(self.mpi.py2f())
-            if watch is None:  # one per communicator: a Dup is a collective and not free
-                watch = _WATCHES[self.mpi.py2f()] = Watch(self.mpi, **watch_kw)
+            # one watch for each of the predefined communicators, made once: a Dup is a
+            # collective and communicators are a finite resource. Every other communicator
+            # gets its own (every rank of it takes this same path, so the Dup matches).
+            key = next((k for k, c in _PREDEFINED.items() if self.mpi is c()), None)
+            watch = _WATCHES.get(key) if key else None
+            if watch is None:
+                watch = Watch(self.mpi, **watch_kw)
+                if key:
+                    _WATCHES[key] = watch
             elif watch_kw:
                 watch.configure(**watch_kw)
         self.watch = watch
