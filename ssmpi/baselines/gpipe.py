@@ -213,21 +213,9 @@ class GPipe:
 
     def gather_parameters(self, root: int = 0) -> Optional[Dict[int, np.ndarray]]:
         """All units' parameters on ``root`` (a collective; outside the loop)."""
-        allp = self.comm.gather(self.parameters(), root=root, what="the parameters")
-        if self.rank != root:
-            return None
-        out = {}
-        for d in allp:
-            out.update(d)
-        return out
+        return self.comm.gather_dicts(self.parameters(), root, "the parameters")
 
     def gather_gradients(self, root: int = 0):
         """All units' accumulated gradients / count on ``root`` (call with update=False)."""
         mine = {l: backend.asnumpy(u.grad) / max(u.count, 1) for l, u in self.units.items()}
-        allg = self.comm.gather(mine, root=root, what="the gradients")
-        if self.rank != root:
-            return None
-        out = {}
-        for d in allg:
-            out.update(d)
-        return out
+        return self.comm.gather_dicts(mine, root, "the gradients")

@@ -318,11 +318,5 @@ class Engine:
 
     def gather_parameters(self, root: int = 0) -> Optional[Dict[int, np.ndarray]]:
         """All units' parameters of replica 0 on ``root`` (a collective; outside the loop)."""
-        mine = self.parameters() if self.replica == 0 else {}
-        allp = self.comm.gather(mine, root=root, what="the parameters of every unit")
-        if self.rank != root:
-            return None
-        out = {}
-        for d in allp:
-            out.update(d)
-        return out
+        return self.comm.gather_dicts(self.parameters() if self.replica == 0 else {}, root,
+                                      "the parameters of every unit")

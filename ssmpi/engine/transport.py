@@ -338,6 +338,17 @@ class Comm:
         self.wait([self.mpi.Igatherv(data, [buf, counts, displs, MPI.BYTE], root=root)], what)
         return [pickle.loads(buf[d:d + c].tobytes()) for d, c in zip(displs, counts)]
 
+    def gather_dicts(self, mine: dict, root: int = 0, what: str = "a gather"):
+        """The union of every rank's dict on ``root`` (e.g. {unit: parameters}), None
+        elsewhere."""
+        parts = self.gather(mine, root=root, what=what)
+        if parts is None:
+            return None
+        out = {}
+        for d in parts:
+            out.update(d)
+        return out
+
     def allgather(self, obj, what: str = "an allgather"):
         """[obj of every rank] on every rank."""
         data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)

@@ -61,6 +61,10 @@ class Layer:
         """``dy`` (N, *out_shape) -> ``(dx or None, {param name: gradient}``)."""
         raise NotImplementedError
 
+    def _wb(self, dw, db) -> Dict[str, object]:
+        """{"w": dw} and, with a bias, {"b": db}: the gradients of a weight layer."""
+        return {"w": dw, "b": db} if getattr(self, "bias", False) else {"w": dw}
+
     def flops(self) -> int:
         """Forward multiply-adds x 2 per sample (0 for cheap elementwise layers)."""
         return 0
@@ -105,10 +109,7 @@ class Conv2d(Layer):
 
     def backward(self, res, dy, need_dx=True):
         dx, dw, db = ops.conv2d_bwd(res, dy, need_dx=need_dx)
-        g = {"w": dw}
-        if self.bias:
-            g["b"] = db
-        return dx, g
+        return dx, self._wb(dw, db)
 
     def flops(self):
         ho, wo, co = self.out_shape
@@ -204,10 +205,7 @@ class Linear(Layer):
 
     def backward(self, res, dy, need_dx=True):
         dx, dw, db = ops.linear_bwd(res, dy, need_dx=need_dx)
-        g = {"w": dw}
-        if self.bias:
-            g["b"] = db
-        return dx, g
+        return dx, self._wb(dw, db)
 
     def flops(self):
         return 2 * self.in_shape[0] * self.dout

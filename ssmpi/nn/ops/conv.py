@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 
 from ssmpi import backend
 from ssmpi.nn.ops import winograd
+from ssmpi.nn.ops.checks import check_float as _check_float
 
 __all__ = [
     "ConvRes",
@@ -122,14 +123,6 @@ def _pair(op: str, name: str, v, n: int, lo: int) -> tuple:
         raise ValueError(f"{op}: {name} must be >= {lo}, got {v!r}")
     return t
 
-
-def _check_float(op: str, name: str, a, dtype=None) -> None:
-    kind = getattr(getattr(a, "dtype", None), "kind", None)
-    if kind != "f":
-        raise ValueError(f"{op}: {name} must be a floating array, got dtype "
-                         f"{getattr(a, 'dtype', type(a).__name__)}")
-    if dtype is not None and a.dtype != dtype:
-        raise ValueError(f"{op}: {name} has dtype {a.dtype} but x has dtype {dtype}")
 
 
 def _axis_taps(n: int, k: int, s: int, plo: int, no: int):
