@@ -1,8 +1,8 @@
 """What every ssmpi program (``train``, ``evaluate``) does around its work.
 
 - Signal handlers for SIGUSR1 / SIGTERM are installed **before** ``MPI_Init`` (mpi4py is
-  imported with ``rc.initialize = False``): SLURM may signal while MPI starts. The first
-  signal asks for a clean stop (checkpoint, exit 99); a second one aborts at once.
+  imported with ``rc.initialize = False``): SLURM may signal while MPI starts. A signal asks
+  for a clean stop (checkpoint, exit 99); the same signal a second time aborts at once.
 - An uncaught exception on any rank prints one line naming the rank and unit and aborts
   the whole job (:mod:`ssmpi.failure`).
 - Bad input (config, data, topology, checkpoint) is one line and exit 2: printed once by
@@ -24,11 +24,13 @@ EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_REQUEUE = 0, 1, 2, 99
 
 class Stopper:
     """SIGUSR1 / SIGTERM: finish the current iteration, checkpoint, exit for requeue.
-    A second signal aborts the job at once (a hung job, or an impatient user)."""
+    The same signal a second time aborts the job at once (an impatient user; SLURM's
+    USR1-then-TERM, or a TERM forwarded as USR1 by the job script, still checkpoints)."""
 
     def __init__(self):
         self.flag = 0
         self.signame = ""
+        self._seen = set()
 
     def install(self):
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -36,10 +38,11 @@ class Stopper:
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.flag:
-            raise KeyboardInterrupt(f"second signal ({self.signame}, then {name})")
+        if name in self._seen:
+            raise KeyboardInterrupt(f"{name} a second time")
+        self._seen.add(name)
         self.flag = 1
-        self.signame = name
+        self.signame = self.signame or name
 
 
 def user_errors():
@@ -66,7 +69,6 @@ def run(prog: str, body: Callable, argv_note: str = "") -> int:
     world = transport.init_world()
     failure.set_context(world.Get_rank())
     comm = transport.Comm(world)
-    comm.watch.stop_requested = lambda: bool(stopper.flag)
     errors = user_errors()
     try:
         return body(comm, stopper)

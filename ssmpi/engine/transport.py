@@ -98,7 +98,6 @@ class Watch:
         self.me, self.size = self.pcomm.Get_rank(), self.pcomm.Get_size()
         self.slowest = 0.0
         self.names: Dict[int, str] = {}  # rank -> "U3,U4" (set by the engine)
-        self.stop_requested: Callable[[], bool] = lambda: False  # a signal asked to stop
         self.reporter: Optional[int] = None  # a rank that announced it reports a hang
         self.detectors = set()  # ranks whose watchdog fired (they pinged us)
         self._pongs: List[MPI.Request] = []
@@ -156,9 +155,6 @@ class Watch:
                     waited = now - t0
                     if limit and waited > limit:
                         self._fire(what + (f" ({detail()})" if detail else ""), peers, waited)
-                    elif self.stop_requested() and waited > self._stop_grace(limit):
-                        raise HangError(f"rank {self.me}: asked to stop by a signal while "
-                                        f"waiting {waited:.0f}s for {what}")
         except MPI.Exception as err:  # a rank died (kill -9, node failure): name it
             msg = lost(err) if lost is not None else (
                 f"rank {self.me}: lost a rank of the job while waiting for {what} "
@@ -166,10 +162,6 @@ class Watch:
                 f"{err.Get_error_string().strip()})")
             raise PeerLostError(msg) from None
         return time.perf_counter() - t0
-
-    def _stop_grace(self, limit: float) -> float:
-        grace = max(10.0, 3.0 * self.slowest)
-        return min(grace, limit) if limit else grace
 
     # -- the watchdog's conversation ------------------------------------------------------
     def service(self):
