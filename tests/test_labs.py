@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from labs import buffers, check
-from ssmpi.config import load_config
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # labs/ is run from the repository root, not installed
+
+from labs import buffers, check  # noqa: E402
+from ssmpi.config import load_config  # noqa: E402
 
 PROVENANCE_RIGHT = """\
 frames
