@@ -1,7 +1,7 @@
 """Lab 3: find the slowest rank in a timeline, then fix the placement.
 
-Two runs of the same model on 3 ranks with ``--set run.trace=3``: contiguous placement
-(the default: U1,U2 | U3,U4 | U5,U6) and ``engine.placement=balanced`` (units split by
+Two runs of the same model on 4 ranks with ``--set run.trace=3``: contiguous placement
+(the default: U1,U2 | U3,U4 | U5 | U6) and ``engine.placement=balanced`` (units split by
 their measured cost). The checker reads both ``trace.json`` files: the rank named slowest
 must be the one with the most compute in the contiguous run, and the balanced run must
 spread the compute more evenly (a lower max / mean compute per rank).

@@ -151,19 +151,23 @@ def test_grid(tmp_path, capsys):
 def test_placement(tmp_path, capsys):
     cfg = "labs/configs/placement.toml"
     # contiguous: rank 0 computes most; balanced: more even
+    # the numbers of a real pair of runs (docs/INSTRUCTOR.md, lab 3)
     make_run(tmp_path, "lab3-contiguous", cfg, events=[
-        (0, "compute", 0, 500), (1, "compute", 0, 330), (2, "compute", 0, 50),
-        (1, "wait", 330, 170), (2, "wait", 50, 450)])
+        (0, "compute", 0, 285), (1, "compute", 0, 276), (2, "compute", 0, 98),
+        (3, "compute", 0, 7), (2, "wait", 98, 187), (3, "wait", 7, 278)])
     make_run(tmp_path, "lab3-balanced", cfg, ["engine.placement=balanced"], events=[
-        (0, "compute", 0, 330), (1, "compute", 0, 300), (2, "compute", 0, 250)])
+        (0, "compute", 0, 216), (1, "compute", 0, 180), (2, "compute", 0, 94),
+        (3, "compute", 0, 141)])
     make_run(tmp_path, "lab3-worse", cfg, ["engine.placement=balanced"], events=[
-        (0, "compute", 0, 600), (1, "compute", 0, 200), (2, "compute", 0, 80)])
+        (0, "compute", 0, 561), (1, "compute", 0, 230), (2, "compute", 0, 60),
+        (3, "compute", 0, 10)])
     make_run(tmp_path, "lab3-other", cfg, ["engine.placement=balanced", "engine.k=3"],
-             events=[(0, "compute", 0, 330), (1, "compute", 0, 300), (2, "compute", 0, 250)])
+             events=[(0, "compute", 0, 216), (1, "compute", 0, 180), (2, "compute", 0, 94),
+                     (3, "compute", 0, 141)])
     right = ('slowest_rank = 0\nslowest_units = [1, 2]\n'
              'contiguous_run = "runs/lab3-contiguous"\nbalanced_run = "runs/lab3-balanced"\n')
     assert run_check("placement", write(tmp_path / "a.toml", right), tmp_path, capsys)[0] == 0
-    for old, new in [("slowest_rank = 0", "slowest_rank = 2"),  # the rank that waits most
+    for old, new in [("slowest_rank = 0", "slowest_rank = 3"),  # the rank that waits most
                      ("[1, 2]", "[3, 4]"),
                      ("lab3-balanced", "lab3-worse"),  # not more even
                      ("lab3-balanced", "lab3-other"),  # another model

@@ -74,7 +74,7 @@ def script(path: Path) -> str:
             continue
         judge = "judge" in words[2:]
         where = f"{path.relative_to(ROOT)}:{n}"
-        parts.append(f"echo '=== {where}'")
+        parts.append(f"echo \"=== {where} (at ${{SECONDS}}s)\"")
         parts.append(f"( set -eo pipefail\n{shrink(text)})")
         ok = "[ $rc -eq 0 ] || [ $rc -eq 1 ]" if judge else "[ $rc -eq 0 ]"
         parts.append(f"rc=$?; {ok} || {{ echo '=== FAILED: {where} (exit '$rc')'; exit 1; }}")
@@ -132,7 +132,11 @@ def test_substitutions_apply():
 def test_tutorial_commands_run(workspace):
     out = run_doc(TUTORIAL, workspace, timeout=400)
     assert "the measured grid equals the plan" in out
-    assert (workspace / "runs" / "timelines" / "timelines.png").is_file()
+    from test_tutorial_timelines import check_summary
+
+    check_summary(workspace / "runs" / "timelines")
+    for s in ("sideways", "skip", "gpipe", "bp"):
+        assert f"\n{s} " in out  # the printed table
     assert (workspace / "runs" / "demo-skip" / "trace.json").is_file()
 
 
