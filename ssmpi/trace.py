@@ -210,3 +210,47 @@ class _Null:
 
 
 _NULL = _Null()
+
+
+def stacked_gantt_png(panels: List[dict], path, title: str = ""):
+    """Several timelines one above the other on one time axis (``python -m
+    ssmpi.timelines``). ``panels``: [{"title": str, "rows": trace rows}]; each panel's time
+    starts at its own first event, so that schemes are compared from their start. Raises
+    ImportError without matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heights = [max(1, len({r["rank"] for r in p["rows"]})) + 1 for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(12, 0.42 * sum(heights) + 1.2),
+                             gridspec_kw={"height_ratios": heights})
+    used = set()
+    for ax, p in zip(axes[:, 0], panels):
+        rows = p["rows"]
+        t_min = min(r["t0"] for r in rows) if rows else 0.0
+        ranks = sorted({r["rank"] for r in rows})
+        labels = {r["rank"]: r["label"] for r in rows}
+        cats = sorted({r["cat"] for r in rows})
+        used.update(cats)
+        for cat in cats:
+            colour = CATEGORY_COLOURS.get(cat, "#999999")
+            for rank in ranks:
+                bars = [((r["t0"] - t_min) * 1e3, r["dur"] * 1e3) for r in rows
+                        if r["rank"] == rank and r["cat"] == cat]
+                if bars:
+                    ax.broken_barh(bars, (rank - 0.4, 0.8), facecolors=colour)
+        ax.set_yticks(ranks)
+        ax.set_yticklabels([f"rank {r}" + (f" {labels[r]}" if labels[r] else "")
+                            for r in ranks], fontsize=8)
+        ax.set_ylim(max(ranks, default=0) + 0.6, -0.6)
+        ax.set_title(p["title"], fontsize=9, loc="left")
+    for cat in sorted(used):
+        axes[0, 0].bar(0, 0, color=CATEGORY_COLOURS.get(cat, "#999999"), label=cat)
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(used))
+    axes[-1, 0].set_xlabel("time (ms) from the start of each scheme's first traced iteration")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
