@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 CATEGORY_COLOURS = {"compute": "#4c72b0", "wait": "#dd8452", "data": "#55a868",
-                    "update": "#c44e52", "send": "#8172b3"}
+                    "update": "#c44e52", "send": "#8172b3", "allreduce": "#937860"}
 
 Event = Tuple[str, str, float, float, int]  # (name, cat, start s, duration s, step)
 

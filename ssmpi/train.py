@@ -154,7 +154,8 @@ class Setup:
             if cfg.run.trace:
                 from .trace import Tracer
 
-                self.tracer = Tracer(self.rank, label=f"{cfg.engine.mode}", enabled=False)
+                self.tracer = Tracer(self.rank, enabled=False, label=",".join(
+                    f"U{l}" for l in self.placement.units_of(self.rank)))
             o = cfg.optim
             total = cfg.run.iterations * (max(1, cfg.data.clip_len // e.update_every)
                                           if e.clip_mode == "stream" else 1)

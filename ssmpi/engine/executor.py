@@ -270,7 +270,11 @@ class Engine:
         (the reducer), then one optimizer step per unit that counted a valid step. Returns
         the learning rate used."""
         us = [self.units[l] for l in (self.local if units is None else units)]
-        lr, skipped = apply_updates(us, self.opt, self.reducer.reduce(us), self.nonfinite)
+        t0 = time.perf_counter()
+        steps = self.reducer.reduce(us)
+        if self.tracer is not None and self.reducer.replicas > 1:  # visible in the timeline
+            self.tracer.add("allreduce", "allreduce", t0, time.perf_counter() - t0)
+        lr, skipped = apply_updates(us, self.opt, steps, self.nonfinite)
         self.skipped += skipped
         self.updates += 1
         self.lr = lr
