@@ -101,6 +101,7 @@ def decode_video(path, *, fps: float = 25.0, short_side: int = 128, min_decoded:
         rot, size = 0, None
         try:
             for fr in container.decode(s):
+                sh.check_stop()  # a signal asked to stop (the CLI, decoding in-process)
                 if size is None:
                     rot = _rotation(s, fr)
                     w, h = fr.width, fr.height

@@ -33,6 +33,7 @@ __all__ = [
     "Interrupted",
     "StopOnSignals",
     "check_stop",
+    "signals_held",
     "run_jobs",
     "stop_helper_processes",
     "become_subreaper",
@@ -285,18 +286,24 @@ _STOP = None  # the installed StopOnSignals, for check_stop()
 
 class StopOnSignals:
     """For a program's main thread: the first SIGINT or SIGTERM raises :class:`Interrupted`
-    at once; :func:`check_stop` raises it again at the next safe point (the job loops of
-    :func:`run_jobs`), in case the first one was lost: a handler can run inside a weakref
-    callback or ``__del__``, where Python prints an exception and drops it. Once ``armed``
-    is False, or after the first, signals are ignored, so that the clean-up (bounded in
-    time) completes. SIGINT stays ignored where the parent shell ignores it (``cmd &``)."""
+    at once, except inside :func:`signals_held` (where decoding and HDF5 writing run: an
+    exception raised asynchronously inside a library's callback may be dropped, or leave it
+    in a state that crashes later), where :func:`check_stop` raises it at the next check
+    (after each decoded frame and each video). ``check_stop`` also raises it again should
+    the first one be lost: a handler can run inside a weakref callback or ``__del__``,
+    where Python drops exceptions (this hides the message it would print). Once ``armed`` is
+    False, or after the first, signals are ignored, so that the clean-up (bounded in time)
+    completes. SIGINT stays ignored where the parent shell ignores it (``cmd &``)."""
 
     def __init__(self):
-        self.signum, self.armed, self.old = None, True, {}
+        self.signum, self.armed, self.held, self.old = None, True, 0, {}
+        self.old_hook = None
 
     def install(self):
         global _STOP
         _STOP = self
+        self.old_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         for sig in (signal.SIGINT, signal.SIGTERM):
             cur = signal.getsignal(sig)
             if sig == signal.SIGINT and cur == signal.SIG_IGN:
@@ -307,7 +314,12 @@ class StopOnSignals:
     def _handle(self, signum, frame):
         if self.signum is None and self.armed:
             self.signum = signum
-            raise Interrupted(signum)
+            if not self.held:
+                raise Interrupted(signum)
+
+    def _unraisable(self, u):
+        if not isinstance(u.exc_value, Interrupted):  # that one check_stop raises again
+            self.old_hook(u)
 
     def check(self):
         if self.signum is not None and self.armed:
@@ -318,8 +330,26 @@ class StopOnSignals:
         for sig, h in self.old.items():
             signal.signal(sig, h)
         self.old = {}
+        if self.old_hook is not None:
+            sys.unraisablehook, self.old_hook = self.old_hook, None
         if _STOP is self:
             _STOP = None
+
+
+class signals_held:
+    """Inside, the signal handler of :class:`StopOnSignals` only notes a stop request;
+    :func:`check_stop` raises it (a no-op without StopOnSignals)."""
+
+    def __enter__(self):
+        self.stop = _STOP
+        if self.stop is not None:
+            self.stop.held += 1
+        return self
+
+    def __exit__(self, *exc):
+        if self.stop is not None:
+            self.stop.held -= 1
+        return False
 
 
 def check_stop():
@@ -413,7 +443,8 @@ def run_jobs(fn, jobs: list, *, workers: int, total: int, desc: str, quiet: bool
             for job in jobs:
                 check_stop()
                 before = bar.n
-                results.append(fn(job))
+                with signals_held():  # fn checks after each video (progress_tick)
+                    results.append(fn(job))
                 bar.update(job_size(job) - (bar.n - before))
             return results
         finally:
