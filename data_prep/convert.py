@@ -486,7 +486,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     stop = sh.StopOnSignals()
-    sh.become_subreaper()  # workers orphaned by a killed forkserver come back to be reaped
     try:
         try:
             stop.install()
@@ -503,7 +502,6 @@ def main(argv=None):
         return 128 + signum
     finally:
         sh.stop_helper_processes()  # the forkserver and resource tracker: stopped, reaped
-        sh.reap_children()
         stop.restore()
 
 
@@ -530,5 +528,16 @@ def _main(args) -> int:
     return 0
 
 
+def _cli() -> int:
+    """The command: :func:`main` in a process that adopts orphaned descendants (workers
+    whose forkserver was killed by a SIGTERM to the process group) and reaps every child
+    before it exits. Not for in-process callers: it would reap their children too."""
+    sh.become_subreaper()
+    try:
+        return main()
+    finally:
+        sh.reap_children()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())
