@@ -59,15 +59,20 @@ def user_errors():
 
 
 def early_device(argv=None) -> str:
-    """The device the command line asks for, found without MPI: ``$SSMPI_DEVICE``, else
-    ``run.device`` of ``--config FILE`` and ``--set run.device=X`` (the last one wins), else
+    """The device the command line asks for, found without MPI, with the precedence of
+    ``backend.select(cfg.run.device)``: ``run.device`` of ``--config FILE`` and ``--set
+    run.device=X`` (the last one wins) unless it is ``auto``, else ``$SSMPI_DEVICE``, else
     ``"auto"``. Anything unreadable counts as ``"auto"`` (the program reports it later)."""
     import os
 
-    env = os.environ.get("SSMPI_DEVICE", "")
-    if env and env.lower() != "auto":
-        return env.lower()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    device = _device_in_argv(sys.argv[1:] if argv is None else list(argv))
+    if device == "auto":
+        device = (os.environ.get("SSMPI_DEVICE", "") or "auto").lower()
+    return device
+
+
+def _device_in_argv(argv) -> str:
+    """``run.device`` of ``--config`` then of every ``--set`` (the last one wins), or auto."""
     device = "auto"
     for i, a in enumerate(argv):
         val = a.split("=", 1)[1] if a.startswith("--config=") else (

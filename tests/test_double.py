@@ -242,8 +242,9 @@ def test_early_device_from_the_command_line(tmp_path, monkeypatch):
     assert program.early_device(["--config", str(cfg)]) == "cpu"
     assert program.early_device([f"--config={cfg}", "--set", "run.device=double"]) == "double"
     assert program.early_device(["--config", str(tmp_path / "missing.toml")]) == "auto"
-    monkeypatch.setenv("SSMPI_DEVICE", "gpu")
-    assert program.early_device(["--set", "run.device=cpu"]) == "gpu"
+    monkeypatch.setenv("SSMPI_DEVICE", "gpu")  # the command line wins, as in the config
+    assert program.early_device(["--set", "run.device=cpu"]) == "cpu"
+    assert program.early_device(["--set", "run.device=auto"]) == "gpu"
 
 
 BIND_PROBE = """
