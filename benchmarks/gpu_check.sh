@@ -34,6 +34,7 @@
 #   5  Skip-Sideways VGG8 112x112, 8 ranks sharing the GPU: frames/s at batch 1 (traced) and 8
 #   6  the demo (jobs/configs/demo_direction.toml, 8 ranks, 200 iterations) on the GPU vs the
 #      same on the CPU: per-iteration losses of the first 50 iterations within 1e-4 relative
+#   7  if time is left: stage 5's batch 1 with spinning waits (wait_mode block), and on the CPU
 #
 # Output in OUTDIR (5 files; the device tool returns at most 8): summary.txt (verdicts and
 # figures), results.json (everything measured), log.txt (every command's output), trace.json
@@ -121,7 +122,7 @@ lines += ["", "tests:"] + [f"  {k:<20} {v}" for k, v in res["tests"].items()]
 ca = work / "cuda_aware.txt"
 if ca.exists():
     lines += ["", "CUDA-aware MPI: " + ca.read_text().strip()]
-for key in ("conv", "fps_b1", "fps_b8", "losses"):
+for key in ("conv", "fps_b1", "fps_b8", "losses", "fps_b1_block", "fps_b1_cpu"):
     v = res.get(key)
     if isinstance(v, dict) and "text" in v:
         lines += ["", v["text"]]
@@ -281,6 +282,12 @@ cat "$WORK/demo_cpu.log" >>"$LOG"
 stage "demo: losses vs the CPU" 30 "$PY" benchmarks/gpu_bench.py losses \
   "$WORK/runs/$DEV/metrics.jsonl" "$WORK/runs/cpu/metrics.jsonl" --n "$((ITERS < 50 ? ITERS : 50))" \
   --rtol 1e-4 --out "$WORK/losses.json"
+
+# -- 7. if time is left: batch 1 with spinning waits, and the same on the CPU (a ratio) ---------
+stage "frames/s batch 1, wait block" 90 "$PY" benchmarks/gpu_bench.py fps --device "$DEV" $FPS \
+  --batch 1 --wait-mode block --out "$WORK/fps_b1_block.json"
+stage "frames/s batch 1 on the CPU" 90 "$PY" benchmarks/gpu_bench.py fps --device cpu $FPS \
+  --batch 1 --iters 1 --out "$WORK/fps_b1_cpu.json"
 
 summarize
 log "done: $OUT/summary.txt"

@@ -29,6 +29,9 @@ The rules it enforces (each a CUDA/CuPy rule that NumPy code never meets):
      on purpose, so that a missing synchronisation changes the numbers *every* time instead
      of once in a million runs. A source in pageable memory is read at once
      (``cudaMemcpyAsync`` stages pageable memory before it returns).
+   - ``asarray(h)`` / ``array(h)``: the device array is usable at once (stream order); a
+     page-locked ``h`` must not change before the next synchronisation (CuPy copies from it
+     asynchronously; pageable memory it stages first): :class:`HazardError` at the flush.
    - ``d.get(out=h, blocking=False)`` (device -> host) leaves ``h`` unwritten until the next
      synchronisation (it copies what ``d`` held when queued, as stream order would);
      ``d.get(out=h)`` (blocking, CuPy's default) flushes the queue and writes ``h`` at once.
@@ -76,7 +79,12 @@ def _flush():
     pending, _queue = _queue, []
     hazard = None
     for op in pending:
-        if op[0] == "h2d":
+        if op[0] == "verify":  # asarray() from page-locked memory read it asynchronously
+            _, src, snap = op
+            if hazard is None and src.tobytes() != snap.tobytes():
+                hazard = (f"device double: the page-locked host array {src.shape} {src.dtype} "
+                          f"given to asarray() was overwritten before the copy ran")
+        elif op[0] == "h2d":
             _, dst, src, snap = op
             if snap is not None and hazard is None and src.tobytes() != snap.tobytes():
                 hazard = (f"device double: the host buffer {src.shape} {src.dtype} of a pending "
@@ -311,19 +319,30 @@ for _n in ("neg", "pos", "abs", "invert"):
 
 
 # -- the module's array functions -----------------------------------------------------------
-def asarray(a, dtype=None, order=None):
+def _from_host(a, dtype, order, ndmin=0, blocking=False):
+    """A host object on the device. CuPy stages pageable memory through a page-locked buffer
+    before the (asynchronous) copy, so the source may be reused at once; a page-locked
+    source is copied from directly: it must not change before the next synchronisation."""
+    counters["h2d"] += 1
+    d = ndarray(_np.array(a, dtype=dtype, copy=True, order=order or "K", ndmin=ndmin))
+    if isinstance(a, _np.ndarray) and _is_pinned(a):
+        _queue.append(("verify", a, a.copy()))
+    if blocking:
+        _flush()
+    return d
+
+
+def asarray(a, dtype=None, order=None, *, blocking=False):
     """``a`` on the device (a host array is copied there; a device array kept)."""
     if isinstance(a, ndarray):
         return a if dtype is None or a.dtype == _np.dtype(dtype) else a.astype(dtype)
-    counters["h2d"] += 1
-    return ndarray(_np.array(a, dtype=dtype, order=order or "K", copy=True))
+    return _from_host(a, dtype, order, blocking=blocking)
 
 
-def array(a, dtype=None, copy=True, order="K", ndmin=0):
+def array(a, dtype=None, copy=True, order="K", ndmin=0, *, blocking=False):
     if isinstance(a, ndarray):
         return _wrap(_np.array(a._a, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
-    counters["h2d"] += 1
-    return ndarray(_np.array(a, dtype=dtype, copy=True, order=order, ndmin=ndmin))
+    return _from_host(a, dtype, order, ndmin, blocking)
 
 
 def asnumpy(a, stream=None, order="C", out=None, blocking=True):

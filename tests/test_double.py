@@ -82,6 +82,14 @@ def test_host_to_device_copy_is_done_at_synchronize(double):
     with pytest.raises(dd.HazardError, match="reused without synchronize"):
         dd.cuda.get_current_stream().synchronize()
     assert (d._a == 1).all()  # and the device got the wrong data
+    # asarray() from page-locked memory: usable at once, but the source must wait too
+    src = _pinned((2, 3), 2.0)
+    e = dd.asarray(src)
+    assert float(e.sum()) == 12.0  # a synchronisation: the copy is done
+    e = dd.asarray(src)
+    src[...] = 0
+    with pytest.raises(dd.HazardError, match="given to asarray"):
+        backend.synchronize()
     # pageable memory is staged before the copy call returns
     p = np.full((2, 3), 5.0, np.float32)
     d.set(p)
