@@ -35,7 +35,8 @@ class RunConfig:
     eval_batches: int = 0  # batches per evaluation (0 = the whole eval split)
     checkpoint_every: int = 0  # iterations between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk
-    device: str = "auto"  # auto | cpu | gpu (auto = CuPy when it sees a GPU)
+    device: str = "auto"  # auto | cpu | gpu | double (auto = $SSMPI_DEVICE if set, else CuPy
+    #                       when it sees a GPU; double = the device-array double, for tests)
     dtype: str = "float32"  # float32 | float64
     progress: bool = True  # tqdm progress bar on rank 0
     trace: int = 0  # trace this many iterations (after the first) -> <run>/trace.json + .png
@@ -72,6 +73,9 @@ class EngineConfig:
     #                           the ranks that stopped answering (0 = off)
     watchdog_factor: float = 20.0  # the watchdog grows with the slowest iteration seen
     cuda_aware: bool = False  # hand device buffers to MPI directly (needs a CUDA-aware MPI)
+    allreduce: str = "auto"  # replicas' gradient sum on a GPU: host (staged through page-locked
+    #                          buffers) | cuda_aware (device buffers to MPI) | nccl (one GPU per
+    #                          rank) | auto (cuda_aware if engine.cuda_aware, else host)
     nonfinite: str = "raise"  # raise | skip: what a NaN/Inf loss or gradient does
 
 
@@ -130,7 +134,8 @@ class Config:
 
 
 CHOICES = {
-    "run.device": ("auto", "cpu", "gpu"),
+    "run.device": ("auto", "cpu", "gpu", "double"),
+    "engine.allreduce": ("auto", "host", "cuda_aware", "nccl"),
     "run.dtype": ("float32", "float64"),
     "model.name": ("vgg8", "vgg16", "tiny", "fullres"),
     "engine.mode": ("bp", "sideways", "skip", "fa-skip"),

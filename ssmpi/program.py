@@ -3,6 +3,11 @@
 - Signal handlers for SIGUSR1 / SIGTERM are installed **before** ``MPI_Init`` (mpi4py is
   imported with ``rc.initialize = False``): SLURM may signal while MPI starts. A signal asks
   for a clean stop (checkpoint, exit 99); the same signal a second time aborts at once.
+- The GPU is bound **before** ``MPI_Init`` too (:func:`bind_device_early`): a CUDA-aware
+  MPI opens its CUDA context on the current device at initialisation, which would be GPU 0
+  on every rank otherwise. The device comes from ``SSMPI_DEVICE``, else from the command
+  line's ``--config`` / ``--set run.device=...`` (read without MPI; the program selects again
+  from the full config later, with the same result).
 - An uncaught exception on any rank prints one line naming the rank and unit and aborts
   the whole job (:mod:`ssmpi.failure`).
 - Bad input (config, data, topology, checkpoint) is one line and exit 2: printed once by
@@ -56,14 +61,70 @@ def user_errors():
     return (ConfigError, DataError, TopologyError, CheckpointError, RunDirError)
 
 
+def early_device(argv=None) -> str:
+    """The device the command line asks for, found without MPI, with the precedence of
+    ``backend.select(cfg.run.device)``: ``run.device`` of ``--config FILE`` and ``--set
+    run.device=X`` (the last one wins) unless it is ``auto``, else ``$SSMPI_DEVICE``, else
+    ``"auto"``. Anything unreadable counts as ``"auto"`` (the program reports it later)."""
+    import os
+
+    device = _device_in_argv(sys.argv[1:] if argv is None else list(argv))
+    if device == "auto":
+        device = (os.environ.get("SSMPI_DEVICE", "") or "auto").lower()
+    return device
+
+
+def _device_in_argv(argv) -> str:
+    """``run.device`` of ``--config`` then of every ``--set`` (the last one wins), or auto."""
+    device = "auto"
+    for i, a in enumerate(argv):
+        val = a.split("=", 1)[1] if a.startswith("--config=") else (
+            argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
+        if val is not None:
+            try:
+                from .config import tomllib
+
+                with open(val, "rb") as f:
+                    dev = tomllib.load(f).get("run", {}).get("device")
+                if isinstance(dev, str):
+                    device = dev.lower()
+            except Exception:
+                pass
+    for i, a in enumerate(argv):
+        val = a.split("=", 1)[1] if a.startswith("--set=") else (
+            argv[i + 1] if a == "--set" and i + 1 < len(argv) else "")
+        key, _, dev = val.partition("=")
+        if key.strip() == "run.device" and dev.strip():
+            device = dev.strip().strip("'\"").lower()
+    return device
+
+
+def bind_device_early(argv=None):
+    """Select the device of the command line and bind this rank's GPU (node-local rank from
+    the launcher's environment), before MPI starts. Returns the device id, or None (CPU, or
+    any error: the program selects again after ``MPI_Init`` and reports errors there)."""
+    device = early_device(argv)
+    if device == "cpu":
+        return None
+    from . import backend
+
+    try:
+        backend.select(device)
+        return backend.bind_local_device()
+    except Exception:
+        return None
+
+
 def run(prog: str, body: Callable, argv_note: str = "") -> int:
-    """Start MPI after the signal handlers, then ``body(comm, stopper) -> exit code``."""
+    """Start MPI after the signal handlers and the GPU binding, then
+    ``body(comm, stopper) -> exit code``."""
     from . import failure
 
     failure.defer_mpi_init()  # our signal handlers first
     stopper = Stopper()
     stopper.install()
     failure.install()
+    bind_device_early()  # before MPI_Init: a CUDA-aware MPI opens its context there
     from .engine import transport
 
     world = transport.init_world()

@@ -25,6 +25,13 @@ all processes of one machine). Ranks on other hosts are aligned with a barrier a
 
 A disabled tracer (``Tracer(enabled=False)``, or ``tracer=None`` in the engine) costs one
 attribute test per span.
+
+GPU: kernels are launched asynchronously, so an interval timed on the host measures launch
+time. An enabled tracer therefore synchronizes the device at both ends of every
+:meth:`Tracer.span` when the selected device is a GPU (``sync=None``: decided at each span
+by :func:`ssmpi.backend.on_device`); the engine synchronizes before it stamps a unit's
+compute interval (:class:`ssmpi.engine.executor.Executor`). Tracing on a GPU thus costs two
+stream synchronisations per span; a disabled tracer none.
 """
 
 from __future__ import annotations
@@ -49,10 +56,14 @@ class Tracer:
     rank : this process's rank (the row of the timeline)
     label : shown next to the rank, e.g. ``"U3"`` or ``"stage 1"``
     enabled : False makes every span a no-op
+    sync : synchronize the device at span boundaries: None = when the selected device is
+        a GPU, or True / False
     """
 
-    def __init__(self, rank: int = 0, label: str = "", enabled: bool = True):
+    def __init__(self, rank: int = 0, label: str = "", enabled: bool = True,
+                 sync: Optional[bool] = None):
         self.rank, self.label, self.enabled = int(rank), label, enabled
+        self.sync = sync
         self.events: List[Event] = []
         self.step = -1
         self.t_origin = time.perf_counter()
@@ -67,11 +78,24 @@ class Tracer:
         if not self.enabled:
             yield
             return
+        sync = self._device_sync()
+        if sync is not None:
+            sync()  # work launched before the span is not the span's
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if sync is not None:
+                sync()  # the span's kernels have run
             self.events.append((name, cat, t0, time.perf_counter() - t0, self.step))
+
+    def _device_sync(self):
+        """The device synchronisation to do at span boundaries, or None."""
+        from . import backend
+
+        if self.sync is False or (self.sync is None and not backend.on_device()):
+            return None
+        return backend.synchronize
 
     def add(self, name: str, cat: str, t0: float, dur: float):
         """Record an interval measured elsewhere (start ``t0`` from ``time.perf_counter``)."""

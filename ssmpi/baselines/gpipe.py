@@ -89,6 +89,7 @@ class GPipe:
         self.xp = backend.xp() if xp is None else xp
         self.dtype = np.dtype(dtype)
         self.tracer = tracer
+        self._sync = self.xp is not np  # compute_s times kernels, not launches
         self.local = placement.units_of(self.rank)
         self.units = {l: Unit(topo, l, seed=seed, dtype=self.dtype, xp=self.xp)
                       for l in self.local}
@@ -162,6 +163,8 @@ class GPipe:
                 t0 = time.perf_counter()
                 with null_span(tr, f"F{m + 1} U{l}"):
                     h, res[m][l] = self.units[l].forward(h, True)
+                    if self._sync:  # GPU kernels are asynchronous: time them, not launches
+                        backend.synchronize()
                 st.compute_s[l] = st.compute_s.get(l, 0.0) + time.perf_counter() - t0
             if last:
                 val, lres = loss_fwd("xent", h, labels)
@@ -189,6 +192,8 @@ class GPipe:
                 t0 = time.perf_counter()
                 with null_span(tr, f"B{m + 1} U{l}"):
                     c, _ = self.units[l].backward(res[m][l], c, need_dx=l > 1)
+                    if self._sync:
+                        backend.synchronize()
                 st.compute_s[l] = st.compute_s.get(l, 0.0) + time.perf_counter() - t0
             res[m] = None  # free this frame's residuals
             if not first:

@@ -81,6 +81,11 @@ class Executor:
         self.log: List[tuple] = []  # (step, edge, kind, Message without data) sent
         self.compute_s: Dict[int, float] = {}
         self.wait_s = 0.0
+        # On a GPU the kernels are asynchronous: without a synchronisation a unit's time
+        # would be its launch time. One per unit and step; nearly free when the unit sent
+        # remote messages (the send synchronized already), else it stops the next unit's
+        # launches from overlapping this unit's kernels (several units per rank only).
+        self.sync_timing = getattr(transport, "xp", np) is not np
 
     def step(self, t: int, x: Optional[Message], loss, *, train: bool = True,
              send: bool = True):
@@ -102,6 +107,8 @@ class Executor:
                 if self.record:
                     self.log += [(t, e, kind, m._replace(data=None, valid=m.valid and m.data
                                                          is not None)) for e, kind, m in outbox]
+            if self.sync_timing:
+                backend.synchronize()
             t1 = time.perf_counter()
             self.compute_s[l] = self.compute_s.get(l, 0.0) + (t1 - t0)
             if tr is not None:

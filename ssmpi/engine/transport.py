@@ -29,11 +29,14 @@ Three layers, each built on the one below:
    :class:`Link` moves the arrays of the GPipe baseline through the same staging.
 
 GPU buffers: without a CUDA-aware MPI (``cuda_aware=False``, the default) every device
-array crosses MPI through a page-locked host buffer: a send copies device -> host before
-``Isend`` (the copy waits for the kernels writing the array); a receive copies host ->
-device after the wait, and the stream is synchronized before the next receive may reuse
-the host buffer. With ``cuda_aware=True`` device buffers go to MPI directly, after the
-stream is synchronized.
+array crosses MPI through a page-locked host buffer: a send queues one device -> host copy
+per remote message of the outbox straight into its host buffer, synchronizes the stream
+once, then posts the ``Isend``s; a receive copies host -> device after the wait, and the
+stream is synchronized (once per step) before the next receive may reuse the host buffer.
+With ``cuda_aware=True`` device buffers go to MPI directly, after one synchronisation per
+outbox. ``tests/test_double*.py`` check all of this on the device-array double
+(:mod:`ssmpi.backend_double`), where a device array handed to MPI raises and a copy is
+done only at a synchronisation.
 """
 
 from __future__ import annotations
@@ -479,7 +482,8 @@ class Transport:
 
     def send(self, outbox):
         """Send every (edge, kind, Message) of an outbox; invalid messages carry zeros."""
-        synced = False
+        posts = []  # (buffer, header, channel) of the remote messages
+        staged = device = False
         for edge, kind, msg in outbox:
             ch = self.send_ch[(edge.eid, kind)]
             ok = msg.valid and msg.data is not None
@@ -495,14 +499,16 @@ class Transport:
                 self.xp.copyto(rch.nxt, data)
                 rch.hnxt[:] = hdr
                 continue
-            if ch.host_send is not None:  # device -> host staging (waits for the kernels)
-                backend.copy_to_host(data, ch.host_send)
-                buf = ch.host_send
+            if ch.host_send is not None:  # device -> host staging, queued on the stream
+                backend.copy_to_host(data, ch.host_send, blocking=False)
+                buf, staged = ch.host_send, True
             else:
-                if not synced and backend.is_device_array(data):
-                    backend.synchronize(data)  # kernels writing ``data`` finish before MPI
-                    synced = True
+                device = device or backend.is_device_array(data)
                 buf = data if data.flags.c_contiguous else self.xp.ascontiguousarray(data)
+            posts.append((buf, hdr, ch))
+        if staged or device:  # the copies (and the kernels writing ``data``) are done
+            backend.synchronize()
+        for buf, hdr, ch in posts:
             self._keep.append(buf)
             self._reqs.append(self.comm.mpi.Isend(buf, dest=ch.dst_rank, tag=ch.tag))
             self._reqs.append(self.comm.mpi.Isend(hdr, dest=ch.dst_rank, tag=ch.htag))
