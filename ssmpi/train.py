@@ -162,7 +162,8 @@ class Setup:
             self.engine = Engine(
                 self.topo, self.placement, comm, batch=cfg.data.batch_size, seed=cfg.run.seed,
                 dtype=np.dtype(cfg.run.dtype), wait_mode=e.wait_mode, watchdog_s=e.watchdog_s,
-                cuda_aware=e.cuda_aware, nonfinite=e.nonfinite, target=cfg.data.target,
+                cuda_aware=e.cuda_aware, allreduce=e.allreduce, nonfinite=e.nonfinite,
+                target=cfg.data.target,
                 frame_offset=cfg.data.frame_offset, update_every=e.update_every,
                 tracer=self.tracer,
                 optimizer=dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,

@@ -150,7 +150,8 @@ class Engine:
     optimizer : keyword arguments of :func:`ssmpi.optim.make_optimizer`
     wait_mode, watchdog_s : how waits wait (:class:`~ssmpi.engine.transport.Watch`), for a
         plain mpi4py ``comm``; a ``Comm`` brings its own
-    reducer : a :class:`GradientReducer` (default: over the ranks holding the same units)
+    reducer : a :class:`GradientReducer` (default: over the ranks holding the same units,
+        ``allreduce`` = auto | host | cuda_aware | nccl)
     target, frame_offset : frame prediction (see :class:`TopLoss`)
     update_every : stream mode: steps between a unit's updates
     """
@@ -160,7 +161,7 @@ class Engine:
                  wait_mode: str = "poll", watchdog_s: float = 0.0, cuda_aware: bool = False,
                  nonfinite: str = "raise", target: str = "newest", frame_offset: int = 8,
                  update_every: int = 1, record: bool = False, xp=None, tracer=None,
-                 reducer: Optional[GradientReducer] = None):
+                 reducer: Optional[GradientReducer] = None, allreduce: str = "auto"):
         self.comm = as_comm(comm, wait_mode=wait_mode, watchdog_s=watchdog_s)
         self.rank = self.comm.rank
         if placement.world_size != self.comm.size:
@@ -196,7 +197,7 @@ class Engine:
         # the ranks holding the same units in every replica average their gradients
         self.reducer = reducer if reducer is not None else GradientReducer(
             self.comm.split(placement.position_of(self.rank), self.replica)
-            if placement.replicas > 1 else None, cuda_aware=cuda_aware)
+            if placement.replicas > 1 else None, cuda_aware=cuda_aware, mode=allreduce)
         self.is_bottom = placement.owns_bottom(self.rank)
         self.is_top = placement.owns_top(self.rank)
         self.updates = 0
