@@ -153,7 +153,8 @@ def worker(spec: dict, out_path: str):
 
     from ssmpi import backend
     from ssmpi.engine.topology import Placement, Topology
-    backend.select("cpu")
+    backend.select(spec.get("device", "cpu"))  # "gpu": benchmarks/gpu_check.sh
+    backend.bind_local_device()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     algo = spec["algo"]

@@ -20,6 +20,11 @@ declares (a truncated file), is skipped, never stored short; so is a listed vide
 disk. Every skipped video and its reason goes to ``<out>/skipped-<split>.tsv`` and the
 manifest, and a summary line is printed. A malformed split-file line is an error naming the
 file and line.
+
+SIGINT (Ctrl-C) or SIGTERM stops the conversion within seconds: no more shards are started,
+the workers are terminated and joined, unfinished shards are deleted, one line says how to
+resume (run the same command again: complete shards are reused), and the exit code is 130
+(SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +51,9 @@ class SplitFileError(ValueError):
 
 class VideoError(Exception):
     """A video that cannot be stored whole; the message is the reason it is skipped."""
+
+
+Interrupted = sh.Interrupted  # raised by the CLI's SIGINT/SIGTERM handler
 
 
 # --------------------------------------------------------------------------------------
@@ -92,6 +101,7 @@ def decode_video(path, *, fps: float = 25.0, short_side: int = 128, min_decoded:
         rot, size = 0, None
         try:
             for fr in container.decode(s):
+                sh.check_stop()  # a signal asked to stop (the CLI, decoding in-process)
                 if size is None:
                     rot = _rotation(s, fr)
                     w, h = fr.width, fr.height
@@ -373,8 +383,19 @@ def convert(layout, out, *, classes, items, missing, shards="8", workers=2, fps=
                                gzip_level=gzip_level,
                                extra_attrs={"layout": layout}),
             })
-        sh.run_jobs(_write_shard, jobs, workers=workers, total=sum(len(j["items"]) for j in jobs),
-                    desc=f"{layout} {split}", quiet=quiet)
+        try:
+            sh.run_jobs(_write_shard, jobs, workers=workers,
+                        total=sum(len(j["items"]) for j in jobs), desc=f"{layout} {split}",
+                        quiet=quiet)
+        except BaseException:
+            # interrupted or failed: the workers are gone; drop what they left unfinished
+            # (a re-run rewrites those shards and reuses the complete ones)
+            for job in jobs:
+                try:
+                    sh.partial_path(job["path"]).unlink()
+                except FileNotFoundError:
+                    pass
+            raise
         sums = [sh.read_shard_summary(out / shard_name(split, s, ns)) for s in range(ns)]
         skipped = [(m[0], m[1]) for m in missing.get(split, [])]
         skipped += [(x["source"], x["reason"]) for s in sums for x in s["skipped"]]
@@ -464,6 +485,27 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    stop = sh.StopOnSignals()
+    try:
+        try:
+            stop.install()
+            return _main(args)
+        except KeyboardInterrupt:  # Interrupted, or SIGINT's default handler
+            signum = stop.signum or signal.SIGINT
+        finally:
+            stop.armed = False  # from here on signals are ignored: the clean-up completes
+        out = Path(args.out)
+        done = len(list(out.glob("*.h5"))) if out.is_dir() else 0
+        print(f"interrupted by {signal.Signals(signum).name}: workers stopped, unfinished "
+              f"shards deleted, {done} complete shards kept in {out}; run the same command "
+              f"again to resume", file=sys.stderr)
+        return 128 + signum
+    finally:
+        sh.stop_helper_processes()  # the forkserver and resource tracker: stopped, reaped
+        stop.restore()
+
+
+def _main(args) -> int:
     try:
         if not args.videos.is_dir():
             raise SplitFileError(f"{args.videos}: no such folder")
@@ -486,5 +528,16 @@ def main(argv=None):
     return 0
 
 
+def _cli() -> int:
+    """The command: :func:`main` in a process that adopts orphaned descendants (workers
+    whose forkserver was killed by a SIGTERM to the process group) and reaps every child
+    before it exits. Not for in-process callers: it would reap their children too."""
+    sh.become_subreaper()
+    try:
+        return main()
+    finally:
+        sh.reap_children()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())

@@ -35,11 +35,14 @@ class RunConfig:
     eval_batches: int = 0  # batches per evaluation (0 = the whole eval split)
     checkpoint_every: int = 0  # iterations between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk
-    device: str = "auto"  # auto | cpu | gpu (auto = CuPy when it sees a GPU)
+    device: str = "auto"  # auto | cpu | gpu | double (auto = $SSMPI_DEVICE if set, else CuPy
+    #                       when it sees a GPU; double = the device-array double, for tests)
     dtype: str = "float32"  # float32 | float64
     progress: bool = True  # tqdm progress bar on rank 0
     trace: int = 0  # trace this many iterations (after the first) -> <run>/trace.json + .png
     diverge_loss: float = 1e4  # a training loss above this ends the run as diverged (0 = never)
+    record: int = 0  # record the messages of this iteration (1-based) -> <run>/grid.txt: the
+    #                  measured rank x step grid, checked against the plan (0 = off)
 
 
 @dataclass
@@ -61,7 +64,8 @@ class EngineConfig:
     modules_per_unit: int = 1  # group consecutive modules into units (VGG16 on 8 ranks: 2)
     replicas: int = 1  # data-parallel replicas of the pipeline (world size = replicas x ranks)
     placement: str = "contiguous"  # contiguous groups | balanced (by measured unit step times)
-    schedule: str = "reset"  # reset (one update per clip) | stream (montage, no resets)
+    clip_mode: str = "reset"  # reset (zero the pipeline, one update per clip: the paper) |
+    #                           stream (a montage of clips, no resets, real-time learning)
     update_every: int = 16  # stream mode: steps between each unit's updates
     wait_mode: str = "poll"  # poll (test + sleep: yields the core) | block (spin on the test)
     watchdog_s: float = 60.0  # a wait that makes no progress this long (and at least
@@ -69,6 +73,9 @@ class EngineConfig:
     #                           the ranks that stopped answering (0 = off)
     watchdog_factor: float = 20.0  # the watchdog grows with the slowest iteration seen
     cuda_aware: bool = False  # hand device buffers to MPI directly (needs a CUDA-aware MPI)
+    allreduce: str = "auto"  # replicas' gradient sum on a GPU: host (staged through page-locked
+    #                          buffers) | cuda_aware (device buffers to MPI) | nccl (one GPU per
+    #                          rank) | auto (cuda_aware if engine.cuda_aware, else host)
     nonfinite: str = "raise"  # raise | skip: what a NaN/Inf loss or gradient does
 
 
@@ -127,12 +134,13 @@ class Config:
 
 
 CHOICES = {
-    "run.device": ("auto", "cpu", "gpu"),
+    "run.device": ("auto", "cpu", "gpu", "double"),
+    "engine.allreduce": ("auto", "host", "cuda_aware", "nccl"),
     "run.dtype": ("float32", "float64"),
     "model.name": ("vgg8", "vgg16", "tiny", "fullres"),
     "engine.mode": ("bp", "sideways", "skip", "fa-skip"),
     "engine.fuse": ("concat", "add"),
-    "engine.schedule": ("reset", "stream"),
+    "engine.clip_mode": ("reset", "stream"),
     "engine.placement": ("contiguous", "balanced"),
     "engine.wait_mode": ("poll", "block"),
     "engine.nonfinite": ("raise", "skip"),
@@ -145,7 +153,7 @@ POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_u
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
             "data.stride", "data.eval_clips_per_video", "data.prefetch", "run.keep_checkpoints"}
 NON_NEGATIVE = {"run.trace", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
-                "engine.watchdog_s", "engine.watchdog_factor", "run.diverge_loss",
+                "engine.watchdog_s", "engine.watchdog_factor", "run.diverge_loss", "run.record",
                 "data.crop", "data.frame_offset", "optim.lr", "optim.weight_decay", "optim.clip",
                 "optim.warmup", "optim.min_lr", "model.num_classes", "optim.momentum"}
 
@@ -196,8 +204,30 @@ def _coerce(key: str, value: Any, default: Any):
     raise ConfigError(f"config key {key}: expected {want.__name__}, got {value!r}")
 
 
+# earlier names of config keys: still accepted, with one deprecation line each
+RENAMED = {"engine.schedule": "engine.clip_mode"}
+_warned = set()
+
+
+def _renamed(sec: str, key: str) -> tuple:
+    new = RENAMED.get(f"{sec}.{key}")
+    if new is None:
+        return sec, key
+    if new not in _warned:
+        import os
+        import sys
+
+        _warned.add(new)
+        rank = next((os.environ[v] for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+                     if v in os.environ), "0")
+        if rank == "0":  # one line per job, not one per rank
+            sys.stderr.write(f"ssmpi: config key {sec}.{key} is deprecated: use {new}\n")
+    return tuple(new.split("."))
+
+
 def _apply(cfg: Config, data: dict, origin: str):
     sections = dict(_sections(cfg))
+    data = _rename_keys(data)
     for sec, body in data.items():
         if sec == "about":
             cfg.about = str(body)
@@ -214,6 +244,18 @@ def _apply(cfg: Config, data: dict, origin: str):
                 raise ConfigError(f"{origin}: unknown config key {sec}.{k} (known in [{sec}]: "
                                   f"{', '.join(sorted(names))})")
             setattr(obj, k, _coerce(f"{sec}.{k}", v, getattr(obj, k)))
+
+
+def _rename_keys(data: dict) -> dict:
+    out = {}
+    for sec, body in data.items():
+        if not isinstance(body, dict):
+            out[sec] = body
+            continue
+        for k, v in body.items():
+            s2, k2 = _renamed(sec, k)
+            out.setdefault(s2, {})[k2] = v
+    return out
 
 
 def parse_override(text: str) -> dict:

@@ -63,6 +63,15 @@ def _showwarning(message, category, filename, lineno, file=None, line=None):
     warn(f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})")
 
 
+def defer_mpi_init():
+    """Make the next ``from mpi4py import MPI`` leave MPI uninitialised (the program calls
+    ``MPI_Init`` itself, after installing its signal handlers)."""
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = True
+
+
 def install(comm=None):
     """Install hooks so that an uncaught exception (main thread or any thread) prints a
     one-line error with the rank and unit, then aborts the whole job."""

@@ -1,13 +1,20 @@
 """What every ssmpi program (``train``, ``evaluate``) does around its work.
 
 - Signal handlers for SIGUSR1 / SIGTERM are installed **before** ``MPI_Init`` (mpi4py is
-  imported with ``rc.initialize = False``): SLURM may signal while MPI starts. The first
-  signal asks for a clean stop (checkpoint, exit 99); a second one aborts at once.
+  imported with ``rc.initialize = False``): SLURM may signal while MPI starts. A signal asks
+  for a clean stop (checkpoint, exit 99); the same signal a second time aborts at once.
+- The GPU is bound **before** ``MPI_Init`` too (:func:`bind_device_early`): a CUDA-aware
+  MPI opens its CUDA context on the current device at initialisation, which would be GPU 0
+  on every rank otherwise. The device comes from ``SSMPI_DEVICE``, else from the command
+  line's ``--config`` / ``--set run.device=...`` (read without MPI; the program selects again
+  from the full config later, with the same result).
 - An uncaught exception on any rank prints one line naming the rank and unit and aborts
   the whole job (:mod:`ssmpi.failure`).
 - Bad input (config, data, topology, checkpoint) is one line and exit 2: printed once by
   rank 0 when every rank fails alike, otherwise by the failing rank, which aborts the job.
 - A full disk is one line naming the path, exit 1.
+- ``MPI_Init`` runs under a start-up guard (``SSMPI_STARTUP_S``, 120 s): a forked watcher
+  kills the rank when MPI has not started by then (a rank that never started, or stopped).
 
 Exit codes: 0 done, 1 failed, 2 bad input, 99 stopped by a signal after a checkpoint.
 """
@@ -31,11 +38,13 @@ STARTUP_S = 120.0
 
 class Stopper:
     """SIGUSR1 / SIGTERM: finish the current iteration, checkpoint, exit for requeue.
-    A second signal aborts the job at once (a hung job, or an impatient user)."""
+    The same signal a second time aborts the job at once (an impatient user; SLURM's
+    USR1-then-TERM, or a TERM forwarded as USR1 by the job script, still checkpoints)."""
 
     def __init__(self):
         self.flag = 0
         self.signame = ""
+        self._seen = set()
 
     def install(self):
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -43,10 +52,11 @@ class Stopper:
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.flag:
-            raise KeyboardInterrupt(f"second signal ({self.signame}, then {name})")
+        if name in self._seen:
+            raise KeyboardInterrupt(f"{name} a second time")
+        self._seen.add(name)
         self.flag = 1
-        self.signame = name
+        self.signame = self.signame or name
 
 
 _STOPPER = None
@@ -127,19 +137,72 @@ def _startup_guard():
 _GUARDS = []  # watcher pids, reaped by run()
 
 
-def run(prog: str, body: Callable, argv_note: str = "") -> int:
-    """Start MPI after the signal handlers, then ``body(comm, stopper) -> exit code``."""
-    import mpi4py
+def early_device(argv=None) -> str:
+    """The device the command line asks for, found without MPI, with the precedence of
+    ``backend.select(cfg.run.device)``: ``run.device`` of ``--config FILE`` and ``--set
+    run.device=X`` (the last one wins) unless it is ``auto``, else ``$SSMPI_DEVICE``, else
+    ``"auto"``. Anything unreadable counts as ``"auto"`` (the program reports it later)."""
+    import os
 
-    mpi4py.rc.initialize = False  # our signal handlers first
-    mpi4py.rc.finalize = True
-    stopper = install_signals()
+    device = _device_in_argv(sys.argv[1:] if argv is None else list(argv))
+    if device == "auto":
+        device = (os.environ.get("SSMPI_DEVICE", "") or "auto").lower()
+    return device
+
+
+def _device_in_argv(argv) -> str:
+    """``run.device`` of ``--config`` then of every ``--set`` (the last one wins), or auto."""
+    device = "auto"
+    for i, a in enumerate(argv):
+        val = a.split("=", 1)[1] if a.startswith("--config=") else (
+            argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
+        if val is not None:
+            try:
+                from .config import tomllib
+
+                with open(val, "rb") as f:
+                    dev = tomllib.load(f).get("run", {}).get("device")
+                if isinstance(dev, str):
+                    device = dev.lower()
+            except Exception:
+                pass
+    for i, a in enumerate(argv):
+        val = a.split("=", 1)[1] if a.startswith("--set=") else (
+            argv[i + 1] if a == "--set" and i + 1 < len(argv) else "")
+        key, _, dev = val.partition("=")
+        if key.strip() == "run.device" and dev.strip():
+            device = dev.strip().strip("'\"").lower()
+    return device
+
+
+def bind_device_early(argv=None):
+    """Select the device of the command line and bind this rank's GPU (node-local rank from
+    the launcher's environment), before MPI starts. Returns the device id, or None (CPU, or
+    any error: the program selects again after ``MPI_Init`` and reports errors there)."""
+    device = early_device(argv)
+    if device == "cpu":
+        return None
+    from . import backend
+
+    try:
+        backend.select(device)
+        return backend.bind_local_device()
+    except Exception:
+        return None
+
+
+def run(prog: str, body: Callable, argv_note: str = "") -> int:
+    """Start MPI after the signal handlers and the GPU binding, then
+    ``body(comm, stopper) -> exit code``."""
     from . import failure
 
+    failure.defer_mpi_init()  # our signal handlers first
+    stopper = install_signals()
     failure.install()
     from .engine import transport
 
     guard = None if transport.MPI.Is_initialized() else _startup_guard()
+    bind_device_early()  # before MPI_Init: a CUDA-aware MPI opens its context there
     world = transport.init_world()
     failure.set_context(world.Get_rank())
     comm = transport.Comm(world)  # from here on, every wait is under the watchdog
@@ -148,7 +211,6 @@ def run(prog: str, body: Callable, argv_note: str = "") -> int:
         for pid in _GUARDS:  # the watcher sees the pipe close and exits: reap it
             os.waitpid(pid, 0)
         _GUARDS.clear()
-    comm.watch.stop_requested = lambda: bool(stopper.flag)
     errors = user_errors()
     try:
         code = body(comm, stopper)

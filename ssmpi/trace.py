@@ -25,6 +25,13 @@ all processes of one machine). Ranks on other hosts are aligned with a barrier a
 
 A disabled tracer (``Tracer(enabled=False)``, or ``tracer=None`` in the engine) costs one
 attribute test per span.
+
+GPU: kernels are launched asynchronously, so an interval timed on the host measures launch
+time. An enabled tracer therefore synchronizes the device at both ends of every
+:meth:`Tracer.span` when the selected device is a GPU (``sync=None``: decided at each span
+by :func:`ssmpi.backend.on_device`); the engine synchronizes before it stamps a unit's
+compute interval (:class:`ssmpi.engine.executor.Executor`). Tracing on a GPU thus costs two
+stream synchronisations per span; a disabled tracer none.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 CATEGORY_COLOURS = {"compute": "#4c72b0", "wait": "#dd8452", "data": "#55a868",
-                    "update": "#c44e52", "send": "#8172b3"}
+                    "update": "#c44e52", "send": "#8172b3", "allreduce": "#937860"}
 
 Event = Tuple[str, str, float, float, int]  # (name, cat, start s, duration s, step)
 
@@ -49,10 +56,14 @@ class Tracer:
     rank : this process's rank (the row of the timeline)
     label : shown next to the rank, e.g. ``"U3"`` or ``"stage 1"``
     enabled : False makes every span a no-op
+    sync : synchronize the device at span boundaries: None = when the selected device is
+        a GPU, or True / False
     """
 
-    def __init__(self, rank: int = 0, label: str = "", enabled: bool = True):
+    def __init__(self, rank: int = 0, label: str = "", enabled: bool = True,
+                 sync: Optional[bool] = None):
         self.rank, self.label, self.enabled = int(rank), label, enabled
+        self.sync = sync
         self.events: List[Event] = []
         self.step = -1
         self.t_origin = time.perf_counter()
@@ -67,11 +78,24 @@ class Tracer:
         if not self.enabled:
             yield
             return
+        sync = self._device_sync()
+        if sync is not None:
+            sync()  # work launched before the span is not the span's
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if sync is not None:
+                sync()  # the span's kernels have run
             self.events.append((name, cat, t0, time.perf_counter() - t0, self.step))
+
+    def _device_sync(self):
+        """The device synchronisation to do at span boundaries, or None."""
+        from . import backend
+
+        if self.sync is False or (self.sync is None and not backend.on_device()):
+            return None
+        return backend.synchronize
 
     def add(self, name: str, cat: str, t0: float, dur: float):
         """Record an interval measured elsewhere (start ``t0`` from ``time.perf_counter``)."""
@@ -210,3 +234,47 @@ class _Null:
 
 
 _NULL = _Null()
+
+
+def stacked_gantt_png(panels: List[dict], path, title: str = ""):
+    """Several timelines one above the other on one time axis (``python -m
+    ssmpi.timelines``). ``panels``: [{"title": str, "rows": trace rows}]; each panel's time
+    starts at its own first event, so that schemes are compared from their start. Raises
+    ImportError without matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heights = [max(1, len({r["rank"] for r in p["rows"]})) + 1 for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(12, 0.42 * sum(heights) + 1.2),
+                             gridspec_kw={"height_ratios": heights})
+    used = set()
+    for ax, p in zip(axes[:, 0], panels):
+        rows = p["rows"]
+        t_min = min(r["t0"] for r in rows) if rows else 0.0
+        ranks = sorted({r["rank"] for r in rows})
+        labels = {r["rank"]: r["label"] for r in rows}
+        cats = sorted({r["cat"] for r in rows})
+        used.update(cats)
+        for cat in cats:
+            colour = CATEGORY_COLOURS.get(cat, "#999999")
+            for rank in ranks:
+                bars = [((r["t0"] - t_min) * 1e3, r["dur"] * 1e3) for r in rows
+                        if r["rank"] == rank and r["cat"] == cat]
+                if bars:
+                    ax.broken_barh(bars, (rank - 0.4, 0.8), facecolors=colour)
+        ax.set_yticks(ranks)
+        ax.set_yticklabels([f"rank {r}" + (f" {labels[r]}" if labels[r] else "")
+                            for r in ranks], fontsize=8)
+        ax.set_ylim(max(ranks, default=0) + 0.6, -0.6)
+        ax.set_title(p["title"], fontsize=9, loc="left")
+    for cat in sorted(used):
+        axes[0, 0].bar(0, 0, color=CATEGORY_COLOURS.get(cat, "#999999"), label=cat)
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(used))
+    axes[-1, 0].set_xlabel("time (ms) from the start of each scheme's first traced iteration")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -115,8 +115,8 @@ class Setup:
         if self.task == "action" and ncls < 2:
             raise data.DataError(f"{cfg.data.root}: the dataset has {ncls} classes")
         self.spec = build_model(cfg, ncls, hw)
-        if self.task == "frames" and cfg.engine.schedule == "stream":
-            err = data.DataError("engine.schedule = 'stream' supports action recognition only "
+        if self.task == "frames" and cfg.engine.clip_mode == "stream":
+            err = data.DataError("engine.clip_mode = 'stream' supports action recognition only "
                                  "(frame prediction trains in reset mode)")
             err.collective = True
             raise err
@@ -158,14 +158,16 @@ class Setup:
             if cfg.run.trace:
                 from .trace import Tracer
 
-                self.tracer = Tracer(self.rank, label=f"{cfg.engine.mode}", enabled=False)
+                self.tracer = Tracer(self.rank, enabled=False, label=",".join(
+                    f"U{l}" for l in self.placement.units_of(self.rank)))
             o = cfg.optim
             total = cfg.run.iterations * (max(1, cfg.data.clip_len // e.update_every)
-                                          if e.schedule == "stream" else 1)
+                                          if e.clip_mode == "stream" else 1)
             self.engine = Engine(
                 self.topo, self.placement, comm, batch=cfg.data.batch_size, seed=cfg.run.seed,
                 dtype=np.dtype(cfg.run.dtype), wait_mode=e.wait_mode, watchdog_s=e.watchdog_s,
-                cuda_aware=e.cuda_aware, nonfinite=e.nonfinite, target=cfg.data.target,
+                cuda_aware=e.cuda_aware, allreduce=e.allreduce, nonfinite=e.nonfinite,
+                target=cfg.data.target,
                 frame_offset=cfg.data.frame_offset, update_every=e.update_every,
                 tracer=self.tracer,
                 optimizer=dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
@@ -504,7 +506,7 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
     frames_per_it = cfg.data.batch_size * T * setup.placement.replicas
     t_start = time.perf_counter()
     done_iters = 0
-    stream = cfg.engine.schedule == "stream"
+    stream = cfg.engine.clip_mode == "stream"
     if stream:
         eng.start_stream()
     step_t = start * T
@@ -518,6 +520,9 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
                 setup.tracer.enabled = start + 1 <= it <= start + cfg.run.trace
             t0 = time.perf_counter()
             dw0 = loader.wait_time
+            recording = it + 1 == cfg.run.record
+            if recording:  # the message log of this iteration: the measured plan
+                eng.executor.record = "headers"
             if not stream:
                 st = eng.run_clip(T, b.frames if setup.is_bottom else None,
                                   b.labels if setup.is_top else None,
@@ -532,6 +537,9 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
                 b = b[-1]
             dt = time.perf_counter() - t0
             comm.watch.observe(dt)  # the watchdog scales with the slowest iteration
+            if recording:
+                eng.executor.record = False
+                _write_measured_grid(setup, run_dir, it + 1, stream)
             done_iters += 1
             if setup.is_top and st.losses and cfg.run.diverge_loss and \
                     st.loss > cfg.run.diverge_loss:  # NaN: engine.nonfinite decides
@@ -631,6 +639,37 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
         sys.stdout.write(txt + "\n")
         sys.stdout.flush()
     return summary
+
+
+def _write_measured_grid(setup: Setup, run_dir, iteration: int, stream: bool):
+    """Gather the records and the message log of one iteration (replica 0) on rank 0 and
+    write ``grid.txt``: the measured rank x step grid, and whether it equals the plan."""
+    from .engine.plan import render_grid
+
+    eng = setup.engine
+    mine = (eng.executor.records, eng.executor.log) if setup.replica == 0 else ([], [])
+    eng.executor.records, eng.executor.log = [], []
+    parts = setup.comm.gather(mine, root=0, what="the message log of the recorded iteration")
+    if setup.rank != 0:
+        return
+    recs = {(r.l, r.t): r for rs, _ in parts for r in rs}
+    log = [m for _, lg in parts for m in lg]
+    t0 = min(t for _, t in recs) - 1  # stream mode: steps of the stream; show them from 1
+    recs = {(l, t - t0): r for (l, t), r in recs.items()}
+    log = [(t - t0, e, k, m) for t, e, k, m in log]
+    T = setup.cfg.data.clip_len
+    topo, pl = setup.topo, setup.placement
+    measured = render_grid(topo, pl, T, T, stream, recs, log,
+                           title=f"measured: iteration {iteration} of {run_dir.name}, "
+                                 f"{setup.size} ranks ({pl.describe()})")
+    text = measured
+    if not stream:  # a clip of T frames from a reset: the plan must say the same
+        planned = render_grid(topo, pl, T, T, False)
+        same = measured.split("\n", 1)[1] == planned.split("\n", 1)[1]
+        text += ("\n\nthe measured grid equals the plan (python -m ssmpi.plan)" if same else
+                 "\n\nTHE MEASURED GRID DIFFERS FROM THE PLAN:\n\n" + planned)
+    (run_dir / "grid.txt").write_text(text + "\n")
+    sys.stdout.write(f"message log of iteration {iteration}: {run_dir / 'grid.txt'}\n")
 
 
 def _as_comm(comm, cfg):

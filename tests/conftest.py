@@ -1,4 +1,5 @@
-"""Shared fixtures: the array module (NumPy always, CuPy where a GPU is present)."""
+"""Shared fixtures: the array module (NumPy always, the device-array double always, CuPy where
+a GPU is present)."""
 
 import os
 
@@ -21,7 +22,7 @@ def _cupy_or_none():
 
 
 _CUPY = _cupy_or_none()
-XP_PARAMS = [pytest.param(np, id="numpy")]
+XP_PARAMS = [pytest.param(np, id="numpy"), pytest.param("double", id="double")]
 XP_PARAMS.append(
     pytest.param(_CUPY, id="cupy", marks=pytest.mark.gpu)
     if _CUPY is not None
@@ -33,7 +34,10 @@ XP_PARAMS.append(
 def xp(request):
     """The array module under test: numpy, and cupy where a GPU is available."""
     mod = request.param
-    if mod is not None and mod is not np:
+    if mod == "double":  # CuPy's rules on the CPU (ssmpi.backend_double)
+        yield backend.select("double")
+        backend.select("cpu")
+    elif mod is not None and mod is not np:
         backend.select("gpu")
         yield mod
         backend.select("cpu")

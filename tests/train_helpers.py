@@ -28,3 +28,18 @@ def run_train(n, args, timeout=120, env=ENV, **kw):
     """``mpiexec -n n python -m ssmpi.train args`` with captured output."""
     return subprocess.run(["mpiexec", "-n", str(n), *TRAIN, *args], capture_output=True,
                           text=True, timeout=timeout, env=env, **kw)
+
+
+def program_lines(stderr: str):
+    """The non-empty lines of ``stderr`` that the program wrote, without the launcher's own
+    report of a non-zero exit (Open MPI's prterun prints a dashed block, and sometimes a
+    ``PMIX ERROR`` line, whatever the program said; MPICH's mpiexec prints nothing)."""
+    out, in_block = [], False
+    for ln in stderr.splitlines():
+        if ln.startswith("-----"):
+            in_block = not in_block
+            continue
+        if in_block or not ln.strip() or "PMIX ERROR" in ln:
+            continue
+        out.append(ln)
+    return out

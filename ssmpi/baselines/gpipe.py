@@ -89,6 +89,7 @@ class GPipe:
         self.xp = backend.xp() if xp is None else xp
         self.dtype = np.dtype(dtype)
         self.tracer = tracer
+        self._sync = self.xp is not np  # compute_s times kernels, not launches
         self.local = placement.units_of(self.rank)
         self.units = {l: Unit(topo, l, seed=seed, dtype=self.dtype, xp=self.xp)
                       for l in self.local}
@@ -162,6 +163,8 @@ class GPipe:
                 t0 = time.perf_counter()
                 with null_span(tr, f"F{m + 1} U{l}"):
                     h, res[m][l] = self.units[l].forward(h, True)
+                    if self._sync:  # GPU kernels are asynchronous: time them, not launches
+                        backend.synchronize()
                 st.compute_s[l] = st.compute_s.get(l, 0.0) + time.perf_counter() - t0
             if last:
                 val, lres = loss_fwd("xent", h, labels)
@@ -189,6 +192,8 @@ class GPipe:
                 t0 = time.perf_counter()
                 with null_span(tr, f"B{m + 1} U{l}"):
                     c, _ = self.units[l].backward(res[m][l], c, need_dx=l > 1)
+                    if self._sync:
+                        backend.synchronize()
                 st.compute_s[l] = st.compute_s.get(l, 0.0) + time.perf_counter() - t0
             res[m] = None  # free this frame's residuals
             if not first:
@@ -213,21 +218,9 @@ class GPipe:
 
     def gather_parameters(self, root: int = 0) -> Optional[Dict[int, np.ndarray]]:
         """All units' parameters on ``root`` (a collective; outside the loop)."""
-        allp = self.comm.gather(self.parameters(), root=root, what="the parameters")
-        if self.rank != root:
-            return None
-        out = {}
-        for d in allp:
-            out.update(d)
-        return out
+        return self.comm.gather_dicts(self.parameters(), root, "the parameters")
 
     def gather_gradients(self, root: int = 0):
         """All units' accumulated gradients / count on ``root`` (call with update=False)."""
         mine = {l: backend.asnumpy(u.grad) / max(u.count, 1) for l, u in self.units.items()}
-        allg = self.comm.gather(mine, root=root, what="the gradients")
-        if self.rank != root:
-            return None
-        out = {}
-        for d in allg:
-            out.update(d)
-        return out
+        return self.comm.gather_dicts(mine, root, "the gradients")

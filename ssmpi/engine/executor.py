@@ -66,8 +66,9 @@ class ClipStats:
 class Executor:
     """Runs the steps of the units of this rank with a transport.
 
-    ``record=True`` keeps a :class:`StepRecord` of every unit and step (host copies):
-    tests, and the message log that students compare with the plan.
+    ``record=True`` keeps a :class:`StepRecord` of every unit and step with host copies of
+    its output and parameter gradient (tests), and a log of every message sent;
+    ``record="headers"`` keeps the records without the arrays (the measured plan of a run).
     """
 
     def __init__(self, units: Dict[int, Unit], transport: Transport, *, record: bool = False,
@@ -77,8 +78,14 @@ class Executor:
         self.L = transport.topo.L
         self.record, self.tracer = record, tracer
         self.records: List[StepRecord] = []
+        self.log: List[tuple] = []  # (step, edge, kind, Message without data) sent
         self.compute_s: Dict[int, float] = {}
         self.wait_s = 0.0
+        # On a GPU the kernels are asynchronous: without a synchronisation a unit's time
+        # would be its launch time. One per unit and step; nearly free when the unit sent
+        # remote messages (the send synchronized already), else it stops the next unit's
+        # launches from overlapping this unit's kernels (several units per rank only).
+        self.sync_timing = getattr(transport, "xp", np) is not np
 
     def step(self, t: int, x: Optional[Message], loss, *, train: bool = True,
              send: bool = True):
@@ -94,16 +101,22 @@ class Executor:
             t0 = time.perf_counter()
             outbox, rec = unit_step(self.units[l], t, tp.inbox(l), x if l == 1 else None,
                                     loss if l == self.L else None, train=train,
-                                    record=self.record)
+                                    record=self.record is True)
             if send:
                 tp.send(outbox)
+                if self.record:
+                    self.log += [(t, e, kind, m._replace(data=None, valid=m.valid and m.data
+                                                         is not None)) for e, kind, m in outbox]
+            if self.sync_timing:
+                backend.synchronize()
             t1 = time.perf_counter()
             self.compute_s[l] = self.compute_s.get(l, 0.0) + (t1 - t0)
             if tr is not None:
                 tr.add(f"U{l}", "compute", t0, t1 - t0)
-            if self.record:
-                rec.grad = backend.asnumpy(rec.grad).copy() if rec.grad is not None else None
-                rec.h = backend.asnumpy(rec.h).copy() if rec.h is not None else None
+            if self.record:  # host copies: layer buffers are reused at the next step
+                rec.grad, rec.h = _host_copy(rec.grad), _host_copy(rec.h)
+                if self.record == "headers":
+                    rec.h = None
                 self.records.append(rec)
         t0 = time.perf_counter()
         tp.wait(t)
@@ -116,6 +129,11 @@ class Executor:
 
     def reset_timers(self):
         self.compute_s, self.wait_s = {}, 0.0
+
+
+def _host_copy(a):
+    """A host copy of an array (symbols, None: themselves)."""
+    return backend.asnumpy(a).copy() if hasattr(a, "shape") else a
 
 
 class Engine:
@@ -132,7 +150,8 @@ class Engine:
     optimizer : keyword arguments of :func:`ssmpi.optim.make_optimizer`
     wait_mode, watchdog_s : how waits wait (:class:`~ssmpi.engine.transport.Watch`), for a
         plain mpi4py ``comm``; a ``Comm`` brings its own
-    reducer : a :class:`GradientReducer` (default: over the ranks holding the same units)
+    reducer : a :class:`GradientReducer` (default: over the ranks holding the same units,
+        ``allreduce`` = auto | host | cuda_aware | nccl)
     target, frame_offset : frame prediction (see :class:`TopLoss`)
     update_every : stream mode: steps between a unit's updates
     """
@@ -142,7 +161,7 @@ class Engine:
                  wait_mode: str = "poll", watchdog_s: float = 0.0, cuda_aware: bool = False,
                  nonfinite: str = "raise", target: str = "newest", frame_offset: int = 8,
                  update_every: int = 1, record: bool = False, xp=None, tracer=None,
-                 reducer: Optional[GradientReducer] = None):
+                 reducer: Optional[GradientReducer] = None, allreduce: str = "auto"):
         self.comm = as_comm(comm, wait_mode=wait_mode, watchdog_s=watchdog_s)
         self.rank = self.comm.rank
         if placement.world_size != self.comm.size:
@@ -178,7 +197,7 @@ class Engine:
         # the ranks holding the same units in every replica average their gradients
         self.reducer = reducer if reducer is not None else GradientReducer(
             self.comm.split(placement.position_of(self.rank), self.replica)
-            if placement.replicas > 1 else None, cuda_aware=cuda_aware)
+            if placement.replicas > 1 else None, cuda_aware=cuda_aware, mode=allreduce)
         self.is_bottom = placement.owns_bottom(self.rank)
         self.is_top = placement.owns_top(self.rank)
         self.updates = 0
@@ -259,7 +278,11 @@ class Engine:
         (the reducer), then one optimizer step per unit that counted a valid step. Returns
         the learning rate used."""
         us = [self.units[l] for l in (self.local if units is None else units)]
-        lr, skipped = apply_updates(us, self.opt, self.reducer.reduce(us), self.nonfinite)
+        t0 = time.perf_counter()
+        steps = self.reducer.reduce(us)
+        if self.tracer is not None and self.reducer.replicas > 1:  # visible in the timeline
+            self.tracer.add("allreduce", "allreduce", t0, time.perf_counter() - t0)
+        lr, skipped = apply_updates(us, self.opt, steps, self.nonfinite)
         self.skipped += skipped
         self.updates += 1
         self.lr = lr
@@ -307,11 +330,5 @@ class Engine:
 
     def gather_parameters(self, root: int = 0) -> Optional[Dict[int, np.ndarray]]:
         """All units' parameters of replica 0 on ``root`` (a collective; outside the loop)."""
-        mine = self.parameters() if self.replica == 0 else {}
-        allp = self.comm.gather(mine, root=root, what="the parameters of every unit")
-        if self.rank != root:
-            return None
-        out = {}
-        for d in allp:
-            out.update(d)
-        return out
+        return self.comm.gather_dicts(self.parameters() if self.replica == 0 else {}, root,
+                                      "the parameters of every unit")

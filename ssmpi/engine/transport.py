@@ -29,11 +29,14 @@ Three layers, each built on the one below:
    :class:`Link` moves the arrays of the GPipe baseline through the same staging.
 
 GPU buffers: without a CUDA-aware MPI (``cuda_aware=False``, the default) every device
-array crosses MPI through a page-locked host buffer: a send copies device -> host before
-``Isend`` (the copy waits for the kernels writing the array); a receive copies host ->
-device after the wait, and the stream is synchronized before the next receive may reuse
-the host buffer. With ``cuda_aware=True`` device buffers go to MPI directly, after the
-stream is synchronized.
+array crosses MPI through a page-locked host buffer: a send queues one device -> host copy
+per remote message of the outbox straight into its host buffer, synchronizes the stream
+once, then posts the ``Isend``s; a receive copies host -> device after the wait, and the
+stream is synchronized (once per step) before the next receive may reuse the host buffer.
+With ``cuda_aware=True`` device buffers go to MPI directly, after one synchronisation per
+outbox. ``tests/test_double*.py`` check all of this on the device-array double
+(:mod:`ssmpi.backend_double`), where a device array handed to MPI raises and a copy is
+done only at a synchronisation.
 """
 
 from __future__ import annotations
@@ -98,7 +101,6 @@ class Watch:
         self.me, self.size = self.pcomm.Get_rank(), self.pcomm.Get_size()
         self.slowest = 0.0
         self.names: Dict[int, str] = {}  # rank -> "U3,U4" (set by the engine)
-        self.stop_requested: Callable[[], bool] = lambda: False  # a signal asked to stop
         self.reporter: Optional[int] = None  # a rank that announced it reports a hang
         self.detectors = set()  # ranks whose watchdog fired (they pinged us)
         self._pongs: List[MPI.Request] = []
@@ -156,11 +158,6 @@ class Watch:
                     waited = now - t0
                     if limit and waited > limit:
                         self._fire(what + (f" ({detail()})" if detail else ""), peers, waited)
-                    elif self.stop_requested() and waited > self._stop_grace(limit):
-                        # a signal asked to stop and this wait makes no progress: the
-                        # watchdog's conversation now, so that one line names who is silent
-                        self._fire(what + (f" ({detail()})" if detail else ""), peers, waited,
-                                   "; a signal asked the job to stop")
         except MPI.Exception as err:  # a rank died (kill -9, node failure): name it
             msg = lost(err) if lost is not None else (
                 f"rank {self.me}: lost a rank of the job while waiting for {what} "
@@ -168,10 +165,6 @@ class Watch:
                 f"{err.Get_error_string().strip()})")
             raise PeerLostError(msg) from None
         return time.perf_counter() - t0
-
-    def _stop_grace(self, limit: float) -> float:
-        grace = max(10.0, 3.0 * self.slowest)
-        return min(grace, limit) if limit else grace
 
     # -- the watchdog's conversation ------------------------------------------------------
     def service(self):
@@ -191,7 +184,7 @@ class Watch:
         if self._pongs and MPI.Request.Testall(self._pongs):
             self._pongs, self._pong_buf = [], []
 
-    def _fire(self, what: str, peers: Sequence[int], waited: float, why: str = ""):
+    def _fire(self, what: str, peers: Sequence[int], waited: float):
         """The watchdog fired on this rank: find who stopped answering; report once."""
         self.detectors.add(self.me)
         ping_s = min(3.0, max(0.5, 0.2 * self.limit()))
@@ -210,11 +203,9 @@ class Watch:
                 if silent:
                     raise HangError(
                         f"watchdog: {', '.join(self.name(r) for r in silent)} stopped "
-                        f"answering (no reply within {ping_s:.1f}s); rank {self.me} {waits}"
-                        + why)
+                        f"answering (no reply within {ping_s:.1f}s); rank {self.me} {waits}")
                 raise HangError(f"watchdog: no progress for {waited:.0f}s although every rank "
-                                f"answers (ranks wait on each other); rank {self.me} {waits}"
-                                + why)
+                                f"answers (ranks wait on each other); rank {self.me} {waits}")
         # another rank reports: keep answering until the job is aborted
         deadline = time.perf_counter() + ping_s + 30.0
         while time.perf_counter() < deadline:
@@ -248,18 +239,8 @@ class Watch:
 
 
 # -- 2. collectives ------------------------------------------------------------------------
-_WATCH_KEY = None  # MPI attribute key: a communicator's Watch lives and dies with it
-
-
-def _cached_watch(comm) -> Optional[Watch]:
-    """The Watch made earlier for this very communicator, if any. Kept as an MPI attribute,
-    not in a dict keyed by the handle: MPICH reuses the handle of a freed communicator, and
-    a stale Watch found on some ranks only would make them skip the Dup that the others
-    enter (mismatched collectives: a deadlock)."""
-    global _WATCH_KEY
-    if _WATCH_KEY is None:
-        _WATCH_KEY = MPI.Comm.Create_keyval()
-    return comm.Get_attr(_WATCH_KEY)
+_WATCHES: Dict[str, Watch] = {}
+_PREDEFINED = {"world": lambda: MPI.COMM_WORLD, "self": lambda: MPI.COMM_SELF}
 
 
 class Comm:
@@ -280,10 +261,15 @@ class Comm:
         self.mpi = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         if watch is None:
-            watch = _cached_watch(self.mpi)
-            if watch is None:  # one per communicator: a Dup is a collective and not free
+            # one watch for each of the predefined communicators, made once: a Dup is a
+            # collective and communicators are a finite resource. Every other communicator
+            # gets its own (every rank of it takes this same path, so the Dup matches).
+            key = next((k for k, c in _PREDEFINED.items() if self.mpi is c()), None)
+            watch = _WATCHES.get(key) if key else None
+            if watch is None:
                 watch = Watch(self.mpi, **watch_kw)
-                self.mpi.Set_attr(_WATCH_KEY, watch)
+                if key:
+                    _WATCHES[key] = watch
             elif watch_kw:
                 watch.configure(**watch_kw)
         self.watch = watch
@@ -349,6 +335,17 @@ class Comm:
         buf = np.empty(int(counts.sum()), np.uint8)
         self.wait([self.mpi.Igatherv(data, [buf, counts, displs, MPI.BYTE], root=root)], what)
         return [pickle.loads(buf[d:d + c].tobytes()) for d, c in zip(displs, counts)]
+
+    def gather_dicts(self, mine: dict, root: int = 0, what: str = "a gather"):
+        """The union of every rank's dict on ``root`` (e.g. {unit: parameters}), None
+        elsewhere."""
+        parts = self.gather(mine, root=root, what=what)
+        if parts is None:
+            return None
+        out = {}
+        for d in parts:
+            out.update(d)
+        return out
 
     def allgather(self, obj, what: str = "an allgather"):
         """[obj of every rank] on every rank."""
@@ -488,7 +485,8 @@ class Transport:
 
     def send(self, outbox):
         """Send every (edge, kind, Message) of an outbox; invalid messages carry zeros."""
-        synced = False
+        posts = []  # (buffer, header, channel) of the remote messages
+        staged = device = False
         for edge, kind, msg in outbox:
             ch = self.send_ch[(edge.eid, kind)]
             ok = msg.valid and msg.data is not None
@@ -504,14 +502,16 @@ class Transport:
                 self.xp.copyto(rch.nxt, data)
                 rch.hnxt[:] = hdr
                 continue
-            if ch.host_send is not None:  # device -> host staging (waits for the kernels)
-                backend.copy_to_host(data, ch.host_send)
-                buf = ch.host_send
+            if ch.host_send is not None:  # device -> host staging, queued on the stream
+                backend.copy_to_host(data, ch.host_send, blocking=False)
+                buf, staged = ch.host_send, True
             else:
-                if not synced and backend.is_device_array(data):
-                    backend.synchronize(data)  # kernels writing ``data`` finish before MPI
-                    synced = True
+                device = device or backend.is_device_array(data)
                 buf = data if data.flags.c_contiguous else self.xp.ascontiguousarray(data)
+            posts.append((buf, hdr, ch))
+        if staged or device:  # the copies (and the kernels writing ``data``) are done
+            backend.synchronize()
+        for buf, hdr, ch in posts:
             self._keep.append(buf)
             self._reqs.append(self.comm.mpi.Isend(buf, dest=ch.dst_rank, tag=ch.tag))
             self._reqs.append(self.comm.mpi.Isend(hdr, dest=ch.dst_rank, tag=ch.htag))

@@ -22,7 +22,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .. import backend
 from . import ops
+from .ops.nonlin import DropoutRes
 
 Shape = Tuple[int, ...]
 
@@ -60,6 +62,10 @@ class Layer:
     def backward(self, res, dy, need_dx: bool = True):
         """``dy`` (N, *out_shape) -> ``(dx or None, {param name: gradient}``)."""
         raise NotImplementedError
+
+    def _wb(self, dw, db) -> Dict[str, object]:
+        """{"w": dw} and, with a bias, {"b": db}: the gradients of a weight layer."""
+        return {"w": dw, "b": db} if getattr(self, "bias", False) else {"w": dw}
 
     def flops(self) -> int:
         """Forward multiply-adds x 2 per sample (0 for cheap elementwise layers)."""
@@ -105,10 +111,7 @@ class Conv2d(Layer):
 
     def backward(self, res, dy, need_dx=True):
         dx, dw, db = ops.conv2d_bwd(res, dy, need_dx=need_dx)
-        g = {"w": dw}
-        if self.bias:
-            g["b"] = db
-        return dx, g
+        return dx, self._wb(dw, db)
 
     def flops(self):
         ho, wo, co = self.out_shape
@@ -204,10 +207,7 @@ class Linear(Layer):
 
     def backward(self, res, dy, need_dx=True):
         dx, dw, db = ops.linear_bwd(res, dy, need_dx=need_dx)
-        g = {"w": dw}
-        if self.bias:
-            g["b"] = db
-        return dx, g
+        return dx, self._wb(dw, db)
 
     def flops(self):
         return 2 * self.in_shape[0] * self.dout
@@ -217,6 +217,12 @@ class Linear(Layer):
 
 
 class Dropout(Layer):
+    """Inverted dropout. ``rng`` (a NumPy Generator, saved in checkpoints) decides every mask:
+    on the CPU the mask is drawn from it directly (:func:`ops.dropout_fwd`); on a GPU it gives
+    one 64-bit key per call and the mask is computed on the device from that key
+    (:func:`device_uniform`), so no host mask crosses the bus at every step, and a resumed run
+    draws the same masks."""
+
     name = "dropout"
 
     def __init__(self, p: float, seed: int = 0):
@@ -227,7 +233,15 @@ class Dropout(Layer):
         self.rng = np.random.default_rng(seed)
 
     def forward(self, x, train=True):
-        return ops.dropout_fwd(x, self.p, rng=self.rng, train=train)
+        xp = backend.get_array_module(x)
+        if xp is np or not train or self.p == 0:
+            return ops.dropout_fwd(x, self.p, rng=self.rng, train=train)
+        if getattr(x.dtype, "kind", None) != "f":
+            raise ValueError(f"dropout: x must be a floating array, got dtype {x.dtype}")
+        key = int(self.rng.integers(0, 2**64, dtype=np.uint64))
+        keep = device_uniform(xp, x.shape, key) >= np.float32(self.p)
+        scale = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
+        return x * scale, DropoutRes(scale)
 
     def backward(self, res, dy, need_dx=True):
         return ops.dropout_bwd(res, dy), {}
@@ -255,6 +269,32 @@ class SpaceToDepth(Layer):
 
     def describe(self):
         return f"s2d{self.block}"
+
+
+def _mix32(x, xp):
+    """A bijective 32-bit integer hash (Wellons' lowbias32), elementwise on uint32 arrays."""
+    x = x ^ (x >> 16)
+    x = x * xp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * xp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def device_uniform(xp, shape, key: int):
+    """Uniform float32 numbers in [0, 1) of ``shape``, computed on ``xp``'s device from a
+    64-bit ``key``: a counter-based hash of the element index (two rounds of a 32-bit mixer,
+    each keyed with one half of ``key``; 24 bits per number). The same numbers for every
+    array module, so the NumPy value is the reference of the GPU one."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n >= 2**32:
+        raise ValueError(f"dropout: {n} elements do not fit the 32-bit counter")
+    k0 = int(_mix32(np.array([key & 0xFFFFFFFF], np.uint32), np)[0])  # on the host
+    i = xp.arange(n, dtype=xp.uint32)
+    h = _mix32(i + xp.uint32(k0), xp)
+    h = _mix32(h ^ xp.uint32((key >> 32) & 0xFFFFFFFF), xp)
+    return ((h >> 8).astype(xp.float32) * xp.float32(2.0 ** -24)).reshape(shape)
 
 
 def count_params(layers) -> int:

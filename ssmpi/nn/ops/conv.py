@@ -20,9 +20,11 @@ straight from ``x``: for each kernel row at once where all its kw taps are insid
 (the kw*Cin values are contiguous in NHWC, read through an ``as_strided`` window view), and
 tap by tap for the border columns. The part of a window that falls into the zero padding is
 never written (the buffer is zeroed once when it is allocated), so no padded copy of ``x`` is
-made. Then ``y (M, Cout) = cols (M, K) @ w (K, Cout)``, which is already NHWC. The copies and
-GEMMs run over a few images at a time (``_chunk_images``), so that each chunk of columns is
-still in cache when the GEMM reads it.
+made. Then ``y (M, Cout) = cols (M, K) @ w (K, Cout)``, which is already NHWC. On the CPU the
+copies and GEMMs run over a few images at a time (``_chunk_images``), so that each chunk of
+columns is still in cache when the GEMM reads it; on a GPU (any array module but NumPy) there
+is one chunk, the whole batch: one large GEMM instead of many small ones, and no extra
+kernel launches.
 
 Backward: ``dw = cols.T @ dy``, ``db = sum(dy)``, and, chunk by chunk, ``dcols = dy @ w.T``
 followed by col2im: one strided slice add per tap into ``dx``. ``need_dx=False`` (the bottom
@@ -63,8 +65,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ssmpi import backend
 from ssmpi.nn.ops import winograd
+from ssmpi.nn.ops.checks import check_float as _check_float
 
 __all__ = [
     "ConvRes",
@@ -123,14 +128,6 @@ def _pair(op: str, name: str, v, n: int, lo: int) -> tuple:
     return t
 
 
-def _check_float(op: str, name: str, a, dtype=None) -> None:
-    kind = getattr(getattr(a, "dtype", None), "kind", None)
-    if kind != "f":
-        raise ValueError(f"{op}: {name} must be a floating array, got dtype "
-                         f"{getattr(a, 'dtype', type(a).__name__)}")
-    if dtype is not None and a.dtype != dtype:
-        raise ValueError(f"{op}: {name} has dtype {a.dtype} but x has dtype {dtype}")
-
 
 def _axis_taps(n: int, k: int, s: int, plo: int, no: int):
     """For each offset i < k along one axis: (out slice, in slice, full_out, full_in) or None.
@@ -152,7 +149,7 @@ def _axis_taps(n: int, k: int, s: int, plo: int, no: int):
     return res
 
 
-def _make_plan(op, x_shape, w_shape, strides, pads_lo, pads_hi) -> _Plan:
+def _make_plan(op, x_shape, w_shape, strides, pads_lo, pads_hi, device=False) -> _Plan:
     key = (x_shape, w_shape, strides, pads_lo, pads_hi)
     nsp = len(strides)
     n_, in_sizes, cin = x_shape[0], x_shape[1:-1], x_shape[-1]
@@ -194,8 +191,9 @@ def _make_plan(op, x_shape, w_shape, strides, pads_lo, pads_hi) -> _Plan:
     kdim = cin
     for k in ks:
         kdim *= k
+    chunk = n_ if device else _chunk_images(n_, rows, kdim)  # GPU: no cache to fit in
     return _Plan(key, tuple(x_shape), (n_, *out_sizes, cout), tuple(ks), tuple(taps),
-                 has_border, full_tap, pieces, _chunk_images(n_, rows, kdim))
+                 has_border, full_tap, pieces, chunk)
 
 
 # The Winograd F(2x2, 3x3) path (winograd.py) replaces im2col for 3x3 stride-1 2-D convs with
@@ -280,7 +278,7 @@ def _conv_fwd(op, x, w, b, strides, pads_lo, pads_hi, ws):
     key = (tuple(x.shape), tuple(w.shape), strides, pads_lo, pads_hi, str(x.dtype), xp.__name__)
     plan = _cached(ws, "plan", key,
                    lambda: _make_plan(op, tuple(x.shape), tuple(w.shape), strides, pads_lo,
-                                      pads_hi))
+                                      pads_hi, device=xp is not np))
     if _winograd_applies(plan, strides, pads_lo, pads_hi, x.dtype):
         return winograd.wino_fwd(op, x, w, b, pads_lo[0], plan.y_shape, ws)
     y_shape = plan.y_shape

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ssmpi import backend
+from ssmpi.nn.ops.checks import check_float as _check_float
 
 __all__ = ["LinearRes", "linear_fwd", "linear_bwd"]
 
@@ -21,14 +22,6 @@ class LinearRes(NamedTuple):
     w: Any  # (Din, Dout)
     has_bias: bool
 
-
-def _check_float(op, name, a, dtype=None):
-    kind = getattr(getattr(a, "dtype", None), "kind", None)
-    if kind != "f":
-        raise ValueError(f"{op}: {name} must be a floating array, got dtype "
-                         f"{getattr(a, 'dtype', type(a).__name__)}")
-    if dtype is not None and a.dtype != dtype:
-        raise ValueError(f"{op}: {name} has dtype {a.dtype} but x has dtype {dtype}")
 
 
 def linear_fwd(x, w, b):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ssmpi import backend
+from ssmpi.nn.ops.checks import check_float as _check_float
 
 __all__ = ["XentRes", "MseRes", "softmax_xent_fwd", "softmax_xent_bwd", "mse_fwd", "mse_bwd"]
 
@@ -27,12 +28,6 @@ class XentRes(NamedTuple):
 class MseRes(NamedTuple):
     diff: Any  # (...) y - target
 
-
-def _check_float(op, name, a):
-    kind = getattr(getattr(a, "dtype", None), "kind", None)
-    if kind != "f":
-        raise ValueError(f"{op}: {name} must be a floating array, got dtype "
-                         f"{getattr(a, 'dtype', type(a).__name__)}")
 
 
 def softmax_xent_fwd(logits, labels):

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ssmpi import backend
+from ssmpi.nn.ops.checks import check_float as _check_float
 
 __all__ = ["ReluRes", "DropoutRes", "relu_fwd", "relu_bwd", "dropout_fwd", "dropout_bwd"]
 
@@ -23,12 +24,6 @@ class ReluRes(NamedTuple):
 class DropoutRes(NamedTuple):
     scale: Any  # (...) keep_mask / (1 - p) in x's dtype, or None for the identity
 
-
-def _check_float(op, name, a):
-    kind = getattr(getattr(a, "dtype", None), "kind", None)
-    if kind != "f":
-        raise ValueError(f"{op}: {name} must be a floating array, got dtype "
-                         f"{getattr(a, 'dtype', type(a).__name__)}")
 
 
 def _check_dy(op, dy, shape):
