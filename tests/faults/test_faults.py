@@ -63,21 +63,34 @@ def _children(pid):
     return out
 
 
-def _rank_pids(launcher_pid):
-    """{rank: pid} of the trainer processes under our own mpiexec (PMI_RANK)."""
-    ranks = {}
+RANK_VARS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=", b"PMIX_RANK=")  # MPICH, Open MPI
+
+
+def _rank_of(environ):
+    """The MPI rank in a process's environment (a list of b"KEY=VALUE"), or None."""
+    for var in RANK_VARS:
+        for e in environ:
+            if e.startswith(var):
+                return int(e[len(var):])
+    return None
+
+
+def _rank_pids(launcher_pid, prog="ssmpi.train"):
+    """{rank: pid} of the ``prog`` processes under our own mpiexec (the launcher's rank
+    variable). A rank's start-up watcher (a fork with the same command line and
+    environment, ssmpi.program) is skipped."""
+    found = {}
     for c in _children(launcher_pid):
         try:
             cmd = Path(f"/proc/{c}/cmdline").read_bytes()
             env = Path(f"/proc/{c}/environ").read_bytes().split(b"\0")
-        except OSError:
+            ppid = int(Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if b"ssmpi.train" not in cmd:
-            continue
-        for e in env:
-            if e.startswith(b"PMI_RANK="):
-                ranks[int(e[len(b"PMI_RANK="):])] = c
-    return ranks
+        rank = _rank_of(env) if prog.encode() in cmd else None
+        if rank is not None:
+            found[c] = (rank, ppid)
+    return {rank: pid for pid, (rank, ppid) in found.items() if ppid not in found}
 
 
 def _metric_lines(path):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import train_helpers as helpers
-from test_faults import _alive, _children, _metric_lines
+from test_faults import _alive, _metric_lines
+from test_faults import _rank_pids as rank_pids
 
 ENV = dict(helpers.ENV, SSMPI_TRACEBACK="0")
 WATCHDOG = 5  # seconds: the watchdog of these tests (engine.watchdog_factor = 0)
@@ -26,25 +27,6 @@ SLACK = 10  # seconds on top of the watchdog: ping round, abort, a loaded 2-core
 @pytest.fixture(scope="module")
 def motion(tmp_path_factory):
     return helpers.make_motion(tmp_path_factory.mktemp("motion"), env=ENV)
-
-
-def rank_pids(launcher_pid, prog="ssmpi.train"):
-    """{rank: pid} of the ranks of ``prog`` under our own mpiexec (PMI_RANK). A rank's
-    start-up watcher (a fork with the same command line and environment) is skipped."""
-    found = {}
-    for c in _children(launcher_pid):
-        try:
-            cmd = Path(f"/proc/{c}/cmdline").read_bytes()
-            env = Path(f"/proc/{c}/environ").read_bytes().split(b"\0")
-            ppid = int(Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if prog.encode() not in cmd:
-            continue
-        for e in env:
-            if e.startswith(b"PMI_RANK="):
-                found[c] = (int(e[len(b"PMI_RANK="):]), ppid)
-    return {rank: pid for pid, (rank, ppid) in found.items() if ppid not in found}
 
 
 class Job:

@@ -62,7 +62,10 @@ def evaluate(n, *args, timeout=90):
 
 
 def error_lines(p):
-    return [ln for ln in (p.stdout + p.stderr).splitlines() if "error" in ln.lower()]
+    """The lines that say "error", without the launcher's own report of a non-zero exit
+    (Open MPI's; MPICH's mpiexec adds nothing)."""
+    return [ln for ln in p.stdout.splitlines() + helpers.program_lines(p.stderr)
+            if "error" in ln.lower()]
 
 
 def one_error(p, code, *words):
