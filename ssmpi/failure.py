@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -40,7 +41,14 @@ def abort_job(code: int = 1):
     (MPICH's Hydra) kills every process as soon as the abort reaches it, and stderr that a
     rank has written but the launcher has not yet forwarded would be lost with it, taking
     the one line that names the rank and the error along (seen once in CI: an empty
-    stderr)."""
+    stderr). Signals get their default action first: the line is written, and a launcher
+    that terminates the ranks (Open MPI's sends SIGTERM) must not meet the program's
+    stop handler, whose KeyboardInterrupt would print a traceback from the hook."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (ValueError, OSError):  # not the main thread: nothing to do
+            pass
     try:
         from mpi4py import MPI
 

@@ -167,14 +167,29 @@ def finished_run(motion, tmp_path_factory):
     return out / "done"
 
 
-def _prefetching(pid):
-    """Does rank ``pid`` run a second Python thread (the loader's prefetch thread, started
-    when the evaluation loop starts)? MPICH's own thread is named "async"; with one BLAS
-    thread per rank there is no other."""
+def _python_threads(pid):
+    """The threads of ``pid`` named as its main thread (Python threads; MPICH's own thread
+    is named "async", Open MPI's PMIx thread is named as the main one)."""
+    name = Path(f"/proc/{pid}/comm").read_text()
+    return {t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)
+            and Path(f"/proc/{pid}/task/{t}/comm").read_text() == name}
+
+
+def _opened(pid, pattern):
+    return any(pattern in os.readlink(f"/proc/{pid}/fd/{fd}")
+               for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _evaluating(pid, state):
+    """Has rank ``pid`` started the evaluation loop? The loader opens the test shards, and
+    the loop starts its prefetch thread: a thread that was not there before the shards were
+    open (the MPI library's threads start earlier, in MPI_Init)."""
     try:
-        name = Path(f"/proc/{pid}/comm").read_text()
-        return any(Path(f"/proc/{pid}/task/{t}/comm").read_text() == name
-                   for t in os.listdir(f"/proc/{pid}/task") if t != str(pid))
+        threads = _python_threads(pid)
+        if not _opened(pid, "test-0000"):
+            state["before"] = threads
+            return False
+        return "before" in state and bool(threads - state["before"])
     except OSError:
         return False
 
@@ -187,7 +202,8 @@ def test_stopped_rank_during_evaluation(motion, finished_run, jobs):
                   *watched()], prog="ssmpi.evaluate")
     jobs.append(job)
     ranks = job.find_ranks()
-    job.wait_for(lambda: _prefetching(ranks[0]), what="the evaluation")
+    state = {}
+    job.wait_for(lambda: _evaluating(ranks[0], state), what="the evaluation")
     job.stop(1)
     out, err, dt = job.finish(timeout=WATCHDOG + 60)
     line = check_one_line(job, out, err, dt, 1, WATCHDOG + SLACK)
