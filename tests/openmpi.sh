@@ -61,9 +61,7 @@ esac
 #    Open MPI's does not (it sets OMPI_COMM_WORLD_RANK and PMIX_RANK): no rank found.
 # (The bad-input tests of test_train.py filter the launcher's own report of a non-zero exit
 # with train_helpers.program_lines: ssmpi prints one line under either MPI.)
-KNOWN=(
-  --deselect tests/faults/test_faults.py::test_kill_one_rank_ends_the_job_and_resume_is_bitwise
-)
+KNOWN=()
 
 status=0
 phase() {  # phase NAME TIMEOUT CMD...
