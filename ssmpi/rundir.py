@@ -22,6 +22,7 @@ from typing import List, Optional
 
 LOCK = "run.lock"
 UNREADABLE_STALE_S = 10.0  # an empty lock younger than this may be a run writing it now
+STALE_CHECKS, STALE_WAIT_S = 10, 0.2  # a live holder is looked at for up to 2 s
 # the keys a checkpoint depends on: a resume with other values cannot load it
 FIXED_BY_CHECKPOINT = ("model.*", "engine.mode", "engine.k", "engine.fuse",
                        "engine.modules_per_unit", "optim.name", "run.dtype")
@@ -96,13 +97,28 @@ class RunLock:
         pid = other.get("pid")
         if not isinstance(pid, int):
             return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
+        # a process killed a moment ago may still be tearing down, and one whose parent is
+        # gone stays a zombie where PID 1 does not reap (containers): both are gone
+        for _ in range(STALE_CHECKS):
+            if not _alive(pid):
+                return True
+            time.sleep(STALE_WAIT_S)
         return False
+
+
+def _alive(pid: int) -> bool:
+    """True when process `pid` runs on this host (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def _when(t) -> str:

@@ -313,6 +313,26 @@ def test_stale_lock_is_taken_over(motion, tmp_path):
     assert not (tmp_path / "st" / "run.lock").exists()
 
 
+def test_lock_of_a_killed_process_is_stale_even_as_a_zombie(tmp_path):
+    """kill -9 leaves ranks that nobody reaps where PID 1 does not (containers, CI): a
+    zombie holds no run folder. A live holder still does."""
+    from ssmpi.rundir import RunDirError, RunLock
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "run.lock").write_text(json.dumps(
+            dict(host=socket.gethostname(), pid=holder.pid, started=time.time())))
+        with pytest.raises(RunDirError, match=f"in use by pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+        holder.kill()
+        time.sleep(0.2)  # not reaped: a zombie now
+        warned = []
+        RunLock(tmp_path).acquire(warn=warned.append).release()
+        assert warned and f"pid {holder.pid}" in warned[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # -- 12. a full disk -----------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
