@@ -9,7 +9,7 @@ Methods (all serial, one process; placement does not change the mathematics):
 - ``skip-add``      Skip-Sideways engine, fuse add;
 - ``fa-skip``       FA-Skip-Sideways (shortcut activations, no shortcut pseudo-gradients);
 - ``bptt``          the same unrolled temporal model as ``skip`` (same units, edges, timing,
-                    init) trained with exact backprop through time (:mod:`ssmpi.bptt`);
+                    init) trained with exact backprop through time (:mod:`ssmpi.engine.bptt`);
 - ``twoframe``      a CNN with the same modules fed [frame t, frame t-1] (6 channels),
                     exact per-step backprop (an upper reference: what two frames allow);
 - ``causal3d``      the causal 3D twin of the same modules (every conv a causal conv3d,
@@ -17,50 +17,54 @@ Methods (all serial, one process; placement does not change the mathematics):
                     exact backprop through the clip (ssmpi.baselines.CausalBP); the loss is
                     the mean over the clip's frames, the prediction the mean softmax.
 
-Dataset: ``data_prep.synthetic motion`` (generated once under ``--data``). Every run writes
-``<out>/runs/<key>.json`` (config, accuracy curve, training loss, gradient alignment) and is
-skipped when that file exists (resumable). At the end: ``<out>/results.md`` (table) and
-``<out>/curves.png`` / ``<out>/alignment.png`` when matplotlib imports.
+Models: the ``tiny`` preset (``units``, ``width``) or, with ``arch = NAME``, the architecture
+file ``jobs/archs/NAME.toml`` (:mod:`ssmpi.nn.architecture`; the run's JSON records its
+units). Tasks: ``still`` (still vs moving), ``direction`` (left vs right), ``dir4`` (right,
+left, down, up): ``data_prep.synthetic motion``, generated once under ``--data``.
 
-    python benchmarks/study_motion.py                     # the default grid (long)
-    python benchmarks/study_motion.py --quick             # a smoke test (~1 minute)
-    python benchmarks/study_motion.py --only base --seeds 0,1,2 --iters 1200
-    python benchmarks/study_motion.py --report-only       # rebuild table and plots
+Every run writes ``<out>/runs/<key>.json`` (config, accuracy curve, training loss, gradient
+alignment) and is skipped when that file exists. A run in progress saves its state (weights,
+optimizer, curves) to ``<out>/partial/`` after every evaluation and continues from there
+when the study is started again (stream-mode runs restart: their pipeline is in flight). At
+the end: ``<out>/results.md`` (table) and ``<out>/curves.png`` / ``<out>/alignment.png``.
+
+    python experiments/study_motion.py                     # the default grid (long)
+    python experiments/study_motion.py --quick             # a smoke test (~1 minute)
+    python experiments/study_motion.py --only base --seeds 0,1,2 --iters 1200
+    python experiments/study_motion.py --only probe-dir4-lr5e-4 --seeds 0   # an arch variant
+    python experiments/study_motion.py --report-only       # rebuild table and plots
 
 Gradient alignment (``--align-every N``, for the skip-family runs): every N iterations the
 engine runs the clip with ``update=False``; its per-unit pseudo-gradient (accumulated grad /
 valid steps, what ``update`` applies) is compared with the exact BPTT gradient dJ/dtheta_l
-of the same parameters on the same clip: cosine similarity per unit.
+of the same parameters on the same clip: cosine per unit, both norms, and the norm of the
+update the optimizer then applies. Expected-gradient probes (``probe`` in a variant): see
+:func:`probe`.
 """
 
 from __future__ import annotations
+
+import study_common as sc  # isort: skip  (first: one BLAS thread, the repo root on sys.path)
 
 import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+from mpi4py import MPI
 
-import numpy as np  # noqa: E402
+from ssmpi import data
+from ssmpi.engine.bptt import BPTT
+from ssmpi.engine.executor import Engine
+from ssmpi.engine.topology import Placement, Topology
+from ssmpi.nn import architecture, models
+from ssmpi.optim import make_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (benchmarks/common.py: shared plotting)
-from mpi4py import MPI  # noqa: E402
-
-from ssmpi import data  # noqa: E402
-from ssmpi.engine.bptt import BPTT  # noqa: E402
-from ssmpi.engine.executor import Engine  # noqa: E402
-from ssmpi.engine.topology import Placement, Topology  # noqa: E402
-from ssmpi.nn import models  # noqa: E402
-from ssmpi.optim import make_optimizer  # noqa: E402
+ROOT = sc.ROOT
+ARCH_DIR = ROOT / "jobs" / "archs"
 
 DATA = Path(os.environ.get("SSMPI_STUDY_DATA", "/tmp/ssmpi_study_motion_data"))
 METHODS = ("sideways", "skip", "skip-add", "fa-skip", "bptt", "twoframe", "causal3d")
@@ -115,22 +119,75 @@ SEARCH = [
 ]
 VARIANTS += SEARCH
 
+# -- the study across architectures (issue 16) --------------------------------------------
+# Direction of motion without any input unit, on models where frames of different times meet
+# in two or more conv units (jobs/archs/*.toml), at 32x32 with 16-frame clips (the setting of
+# the learnability probe in ALGORITHM.md). Each Skip-Sideways run has its exact-BPTT twin
+# (same model, init, data order and lr). The BPTT twin stops once it has held >= 0.95 for
+# ``hold`` evaluations in a row (what is measured of it: the iteration of its first 0.9);
+# Skip-Sideways runs always run to the end (whether they keep what they learn is measured).
+ARCHS = ("probe", "tiny6", "vgg8n")
+ARCH = dict(task="dir4", speed=2, size=32, square=8, noise=0.02, k=2, T=16, batch=16,
+            iters=4000, frames=20, videos=(4096, 512), probe=400, probe_batches=8, hold=3)
+
+
+def _lr_name(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+ARCH_STUDY = []
+for _lr in (5e-4, 2e-4, 1e-3):  # in order of priority
+    for _task in ("dir4", "direction"):
+        for _a in ARCHS:
+            _name = f"{_a}-{'dir4' if _task == 'dir4' else 'dir2'}-lr{_lr_name(_lr)}"
+            ARCH_STUDY.append((_name, dict(ARCH, arch=_a, task=_task, lr=_lr), ("skip", "bptt")))
+# the control: Sideways must stay at chance (its forward sees one frame)
+ARCH_STUDY += [(f"{a}-dir4-sideways", dict(ARCH, arch=a, lr=5e-4, iters=1000), ("sideways",))
+               for a in ARCHS]
+
+# -- keeping what it learns (issue 16): the input-unit setting that finds direction in
+# 200-400 iterations and then drifts at a constant lr; 3000 iterations; remedies that need no
+# knowledge of when the solution appears
+KEEP = dict(DIR, stem=True, iters=3000)
+KEEP_STUDY = [
+    ("keep-const", dict(KEEP), ("skip",)),
+    ("keep-amsgrad", dict(KEEP, amsgrad=True), ("skip",)),
+    ("keep-stale", dict(KEEP, unit_lr="stale"), ("skip",)),
+    ("keep-ema", dict(KEEP, ema=0.99), ("skip",)),
+    ("keep-plateau", dict(KEEP, plateau=[200, 0.5]), ("skip",)),
+    ("keep-sgd", dict(KEEP, opt="sgd", lr=0.05), ("skip",)),
+]
+
+# -- stream mode with long clips (issue 16): clip boundaries pass through the pipeline once per
+# 64 frames instead of once per 8; a montage stream (lanes cut at different times)
+STREAM_STUDY = [
+    ("stream-long", dict(T=64, frames=80, stream=True, montage=True, update_every=8,
+                         iters=300, eval_every=50), ("sideways", "skip")),
+    ("stream-long-dir", dict(DIR, T=64, frames=80, stream=True, montage=True, update_every=8,
+                             iters=300, stem=True, eval_every=50), ("skip",)),
+]
+VARIANTS += ARCH_STUDY + KEEP_STUDY + STREAM_STUDY
+
 
 # -- data -----------------------------------------------------------------------------------
 def dataset(out: Path, cfg: dict) -> str:
     """Generate (once) the synthetic dataset of ``cfg``; returns its folder."""
     videos = cfg.get("videos", (2048, 512))
-    cfg = {k: cfg[k] for k in ("task", "speed", "size", "square", "noise")}
+    frames = cfg.get("frames", 16)
     from data_prep import synthetic
 
-    speeds = [0, cfg["speed"]] if cfg["task"] == "still" else [cfg["speed"]]
-    name = f"{cfg['task']}_s{cfg['size']}_v{cfg['speed']}_q{cfg['square']}_n{cfg['noise']}"
+    task = cfg["task"]
+    speeds = [0, cfg["speed"]] if task == "still" else [cfg["speed"]]
+    classes = 4 if task == "dir4" else 2
+    name = f"{task}_s{cfg['size']}_v{cfg['speed']}_q{cfg['square']}_n{cfg['noise']}"
     if tuple(videos) != (2048, 512):
         name += f"_{videos[0]}_{videos[1]}"
+    if frames != 16:
+        name += f"_f{frames}"
     root = DATA / name
     if not (root / "manifest.json").exists():
-        params = {"size": [cfg["size"]] * 2, "frames": 16, "noise": cfg["noise"],
-                  "subsample": 1, "seed": 0, "classes": 2, "speeds": speeds,
+        params = {"size": [cfg["size"]] * 2, "frames": frames, "noise": cfg["noise"],
+                  "subsample": 1, "seed": 0, "classes": classes, "speeds": speeds,
                   "square": cfg["square"]}
         synthetic.generate("motion", root, splits={"train": videos[0], "test": videos[1]},
                            params=params, shards=5, quiet=True)
@@ -143,12 +200,29 @@ def two_frames(f):
 
 
 # -- models ---------------------------------------------------------------------------------
+def arch_units(cfg: dict):
+    """The layer texts of ``cfg["arch"]`` (jobs/archs/<arch>.toml), or None for tiny."""
+    if not cfg.get("arch"):
+        return None
+    return architecture.load_arch_file(ARCH_DIR / f"{cfg['arch']}.toml")["units"]
+
+
+def base_spec(cfg: dict, ncls: int, channels: int = 3):
+    """The model of ``cfg`` without the stem: an architecture file or the tiny preset."""
+    units = arch_units(cfg)
+    if units is not None:
+        return models.custom(units, ncls, resolution=cfg["size"], channels=channels,
+                             name=cfg["arch"])
+    return models.tiny(ncls, units=cfg["units"], width=cfg["width"], resolution=cfg["size"],
+                       channels=channels)
+
+
 def tiny_spec(cfg: dict, ncls: int):
-    """The tiny model of ``cfg``. With ``cfg["stem"]`` a frozen identity unit (1x1 conv, 3
+    """The model of ``cfg``. With ``cfg["stem"]`` a frozen identity unit (1x1 conv, 3
     channels) goes first: the raw frame becomes a message, so a shortcut edge carries the
     input frame x[t-2] (pooled by tau) into the first conv unit's successor. This is "the
     input frames as an extra shortcut source": temporal mixing starts on raw pixels."""
-    spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"], resolution=cfg["size"])
+    spec = base_spec(cfg, ncls)
     if cfg.get("stem"):
         spec.modules.insert(0, [("conv", 3, 1)])
         spec.name += " + identity stem"
@@ -164,24 +238,42 @@ def identity_stem(model):
 
 
 def optimizer(cfg: dict, scale: float = 1.0) -> dict:
-    """Adam settings of ``cfg`` (lr x ``scale``; optional schedule, warm-up, clipping)."""
-    opt = dict(name="adam", lr=cfg["lr"] * scale, clip=cfg.get("clip", 0.0))
+    """Optimizer settings of ``cfg`` (lr x ``scale``; optional schedule, warm-up, clipping,
+    AMSGrad)."""
+    opt = dict(name=cfg.get("opt", "adam"), lr=cfg["lr"] * scale, clip=cfg.get("clip", 0.0))
+    if cfg.get("amsgrad"):
+        opt["amsgrad"] = True
     if cfg.get("sched", "constant") != "constant" or cfg.get("warmup"):
         opt.update(schedule=cfg.get("sched", "constant"), warmup=cfg.get("warmup", 0),
                    total=cfg["iters"])
     return opt
 
 
+def unit_lrs(cfg: dict, L: int) -> list:
+    """Per-unit lr multipliers: ``cfg["unit_lr"]`` as a list (one per unit, the stem not
+    counted), or "stale": U_l's multiplier 1 / (1 + 2(L - l)), the inverse of the age of the
+    cotangent its pseudo-gradient uses (2(L-l) steps; the head's is 1). [] = all 1."""
+    u = cfg.get("unit_lr")
+    if u == "stale":
+        return [1.0 / (1 + 2 * (L - l)) for l in range(1, L + 1)]
+    return list(u or [])
+
+
 def build(method: str, cfg: dict, seed: int, ncls: int):
     """The trainer object of ``method`` (an Engine, serial, or a BPTT), with per-unit learning
-    rates when ``cfg["unit_lr"]`` lists one multiplier per unit."""
+    rates when ``cfg["unit_lr"]`` lists one multiplier per unit (or is "stale")."""
     model = _build(method, cfg, seed, ncls)
-    lrs = list(cfg.get("unit_lr") or [])
-    if cfg.get("stem") and method != "twoframe":
+    if method in ("twoframe", "causal3d"):
+        return model
+    lrs = unit_lrs(cfg, model.L)
+    if cfg.get("stem"):
         identity_stem(model)
-        lrs = [0.0] + (lrs or [1.0] * cfg["units"])
+        if cfg.get("unit_lr") == "stale":
+            lrs = [0.0] + lrs[1:]
+        else:
+            lrs = [0.0] + (lrs or [1.0] * (model.L - 1))
     for l, m in enumerate(lrs, start=1):
-        if l in model.units and method != "twoframe":
+        if l in model.units:
             model.opt[l] = make_optimizer(model.units[l].theta, **optimizer(cfg, m))
     return model
 
@@ -193,8 +285,13 @@ class Causal3D:
         from types import SimpleNamespace
 
         from ssmpi.baselines import CausalBP, causal3d
-        spec = causal3d("tiny", kt=3, num_classes=ncls, units=cfg["units"],
-                        width=cfg["width"], resolution=cfg["size"])
+        units = arch_units(cfg)
+        if units is not None:  # models.get_model("custom", arch=...) builds it from text
+            spec = causal3d("custom", kt=3, arch=units, num_classes=ncls,
+                            resolution=cfg["size"])
+        else:
+            spec = causal3d("tiny", kt=3, num_classes=ncls, units=cfg["units"],
+                            width=cfg["width"], resolution=cfg["size"])
         self.cb = CausalBP(spec, batch=cfg["batch"], seed=seed, optimizer=optimizer(cfg))
         self.units, self._ns = {}, SimpleNamespace
 
@@ -213,9 +310,7 @@ def _build(method: str, cfg: dict, seed: int, ncls: int):
     if method == "causal3d":
         return Causal3D(cfg, seed, ncls)
     if method == "twoframe":
-        spec = models.tiny(ncls, units=cfg["units"], width=cfg["width"],
-                           resolution=cfg["size"], channels=6)
-        topo = Topology(spec, mode="bp")
+        topo = Topology(base_spec(cfg, ncls, channels=6), mode="bp")
         return Engine(topo, Placement(1, 1), MPI.COMM_SELF, batch=cfg["batch"], seed=seed,
                       optimizer=opt)
     spec = tiny_spec(cfg, ncls)
@@ -250,15 +345,54 @@ def evaluate(model, method, root, T, batch) -> float:
     return c / max(n, 1)
 
 
-def cosine(a, b) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+# -- state of a run (weights, optimizer state, and a weight average) ------------------------
+def _slots(model) -> dict:
+    """{name: (flat parameters, optimizer)} of every trained parameter vector."""
+    if hasattr(model, "cb"):
+        return {"c": (model.cb.theta, model.cb.opt)}
+    return {str(l): (u.theta, model.opt[l]) for l, u in model.units.items()}
 
 
-def _pseudo(eng: Engine) -> dict:
-    return {l: np.asarray(u.grad / max(u.count, 1), np.float64) for l, u in eng.units.items()}
+def model_state(model) -> dict:
+    out = {}
+    for k, (theta, opt) in _slots(model).items():
+        out[f"{k}__theta"] = np.array(theta)
+        for n, v in opt.state_dict().items():
+            out[f"{k}__opt__{n}"] = np.asarray(v)
+    return out
 
 
+def load_model_state(model, st: dict):
+    for k, (theta, opt) in _slots(model).items():
+        theta[...] = st[f"{k}__theta"]
+        pre = f"{k}__opt__"
+        d = {n[len(pre):]: st[n] for n in st if n.startswith(pre)}
+        d["t"] = int(d["t"])
+        opt.load_state_dict(d)
+
+
+class WeightAverage:
+    """An exponential moving average of the weights (decay ``d`` per update), for evaluating
+    with an average of recent weights instead of the last ones."""
+
+    def __init__(self, model, d: float):
+        self.model, self.d = model, float(d)
+        self.avg = {k: np.array(th, np.float64) for k, (th, _) in _slots(model).items()}
+
+    def update(self):
+        for k, (th, _) in _slots(self.model).items():
+            self.avg[k] *= self.d
+            self.avg[k] += (1 - self.d) * np.asarray(th, np.float64)
+
+    def swap(self):
+        """Exchange the live weights and the average (call twice to restore)."""
+        for k, (th, _) in _slots(self.model).items():
+            live = np.array(th, np.float64)
+            th[...] = self.avg[k]
+            self.avg[k] = live
+
+
+# -- gradient alignment ---------------------------------------------------------------------
 def alignment(eng: Engine, twin: BPTT, frames, labels, T, ncls: int) -> tuple:
     """One training step of ``eng`` with, first, per unit:
 
@@ -268,25 +402,31 @@ def alignment(eng: Engine, twin: BPTT, frames, labels, T, ncls: int) -> tuple:
       g(y) - g(1 - y): what changes when the labels flip. The class-independent part (e.g.
       "make the logits smaller") dominates a whole-gradient cosine; this part is what must
       carry the motion signal, and is the one a pseudo-gradient can get wrong while ``cos``
-      stays high."""
+      stays high;
+    - ``pn``, ``en``: the norms of the pseudo and of the exact gradient; ``step``: the norm of
+      the update the optimizer then applies (how far a step moves at a given gradient)."""
     twin.load_parameters(eng.parameters())
     dcos = {}
     if ncls == 2:  # flipped labels first (no update), then the real step
         flipped = 1 - np.asarray(labels)
         eng.run_clip(T, frames, flipped, update=False)
-        pf = _pseudo(eng)
+        pf = sc.pseudo_gradients(eng)
         for u in eng.units.values():
             u.zero_grad()
         twin.run_clip(T, frames, flipped, update=False)
         ef = twin.gradients()
     st = eng.run_clip(T, frames, labels, update=False)
-    pseudo = _pseudo(eng)
+    pseudo = sc.pseudo_gradients(eng)
     twin.run_clip(T, frames, labels, update=False)
     exact = twin.gradients()
     if ncls == 2:
-        dcos = {str(l): cosine(pseudo[l] - pf[l], exact[l] - ef[l]) for l in pseudo}
+        dcos = {str(l): sc.cosine(pseudo[l] - pf[l], exact[l] - ef[l]) for l in pseudo}
+    before = eng.parameters()
     eng.update()
-    return st, {str(l): cosine(pseudo[l], exact[l]) for l in pseudo}, dcos
+    after = eng.parameters()
+    norms = {str(l): [float(np.linalg.norm(pseudo[l])), float(np.linalg.norm(exact[l])),
+                      float(np.linalg.norm(after[l] - before[l]))] for l in pseudo}
+    return st, {str(l): sc.cosine(pseudo[l], exact[l]) for l in pseudo}, dcos, norms
 
 
 def probe(eng: Engine, twin: BPTT, batches, T) -> dict:
@@ -304,7 +444,7 @@ def probe(eng: Engine, twin: BPTT, batches, T) -> dict:
         for u in eng.units.values():
             u.zero_grad()
         eng.run_clip(T, f, y, update=False)
-        gp = _pseudo(eng)
+        gp = sc.pseudo_gradients(eng)
         twin.run_clip(T, f, y, update=False)
         ge = twin.gradients()
         for l in sp:
@@ -314,28 +454,41 @@ def probe(eng: Engine, twin: BPTT, batches, T) -> dict:
             ne[l] += float(np.linalg.norm(ge[l]))
     for u in eng.units.values():
         u.zero_grad()
-    return {str(l): {"ecos": cosine(sp[l], se[l]),
+    return {str(l): {"ecos": sc.cosine(sp[l], se[l]),
                      "snr_pseudo": float(np.linalg.norm(sp[l])) / max(np_[l], 1e-30),
                      "snr_exact": float(np.linalg.norm(se[l])) / max(ne[l], 1e-30)}
             for l in sp if np.size(sp[l]) > 1}
 
 
 # -- one run --------------------------------------------------------------------------------
-def _loop(ds, cfg: dict, seed: int, n: int, step):
-    """Call ``step(batch)`` for ``n`` training batches of ``ds`` (epochs as needed)."""
+def train_batches(ds, cfg: dict, seed: int, start: int = 0):
+    """Training batches of ``ds`` from batch number ``start`` on (epochs as needed), the same
+    sequence whatever ``start`` (a resumed run continues it)."""
     ld = data.ClipLoader(ds, batch_size=cfg["batch"], clip_len=cfg["T"], train=True,
                          flip=False, seed=seed)
-    done, ep = 0, 0
+    nb = len(ld)
+    epoch, b0 = divmod(start, nb)
     try:
-        while done < n:
-            for b in ld.epoch(ep):
-                step(b)
-                done += 1
-                if done >= n:
-                    break
-            ep += 1
+        while True:
+            if b0:
+                for b in range(b0, nb):
+                    yield ld.make_batch(epoch, b)
+                b0 = 0
+            else:
+                yield from ld.epoch(epoch)
+            epoch += 1
     finally:
         ld.close()
+
+
+def _loop(ds, cfg: dict, seed: int, n: int, step):
+    """Call ``step(batch)`` for ``n`` training batches of ``ds``."""
+    gen = train_batches(ds, cfg, seed)
+    try:
+        for _ in range(n):
+            step(next(gen))
+    finally:
+        gen.close()
 
 
 def _train(model, method: str, ds, cfg: dict, seed: int, n: int):
@@ -346,6 +499,23 @@ def _train(model, method: str, ds, cfg: dict, seed: int, n: int):
     _loop(ds, cfg, seed, n, step)
 
 
+def _nothing():
+    while True:
+        yield None
+
+
+def _summary(curve) -> dict:
+    """What a curve says: final, best, first eval >= 0.9, and whether it kept it."""
+    accs = [a for _, a in curve]
+    f90 = next((i for i, a in curve if a >= 0.9), None)
+    after = [a for i, a in curve if f90 is not None and i >= f90]
+    return dict(final_acc=accs[-1], best_acc=max(accs), first_90=f90,
+                min_after_90=min(after) if after else None,
+                frac_after_90=(sum(a >= 0.9 for a in after) / len(after)) if after else None)
+
+
+STOP_AFTER = 0  # --stop-after (tests): leave the run after this many iterations, resumable
+
 
 def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_every: int,
             align_every: int) -> dict:
@@ -353,12 +523,21 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
     path = out / "runs" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
+    eval_every = cfg.get("eval_every", eval_every)
     root = dataset(out, cfg)
     ds = data.open_dataset(root, "train")
-    model = build(method, cfg, seed, ds.num_classes)
+    ncls = ds.num_classes
+    model = build(method, cfg, seed, ncls)
     T, iters = cfg["T"], cfg["iters"]
-    if cfg.get("bptt_init") and method != "bptt":  # start from a short exact-BPTT phase
-        init = build("bptt", cfg, seed, ds.num_classes)
+    stream = bool(cfg.get("stream")) and method in ENGINE_MODES
+    part = out / "partial" / key  # .json (curves) + .npz (weights): a run in progress
+    st0 = None
+    if not stream and part.with_suffix(".json").exists():
+        st0 = json.loads(part.with_suffix(".json").read_text())
+        if st0.get("cfg") != json.loads(json.dumps(cfg)):
+            st0 = None  # the variant changed since: start again
+    if st0 is None and cfg.get("bptt_init") and method != "bptt":  # exact-BPTT phase first
+        init = build("bptt", cfg, seed, ncls)
         _train(init, "bptt", ds, cfg, seed, cfg["bptt_init"])
         for l, p in init.parameters().items():
             model.units[l].theta[...] = p
@@ -367,32 +546,54 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         speed, n = cfg["curriculum"]
         ds0 = data.open_dataset(dataset(out, dict(cfg, speed=speed)), "train")  # same videos
         phases = [(ds0, n), (ds, iters - n)]
-    stream = bool(cfg.get("stream")) and method in ENGINE_MODES
     clock = [0]  # stream mode: the global step counter
+    stream_src = [None]
 
     def stream_clip(frames, labels):
         """Feed one clip's frames as the next T steps of a never-reset stream (the previous
         clip's activations are still in flight: the montage of ALGORITHM.md's stream mode);
-        each unit updates every ``update_every`` steps. Returns the clip's stats."""
+        each unit updates every ``update_every`` steps. With ``cfg["montage"]`` the steps
+        come from :func:`ssmpi.data.montage_stream` instead (lanes cut between clips at
+        different times, clip lengths T/2..T, labels per lane and step). Returns the
+        interval's stats."""
         if clock[0] == 0:
             model.start_stream()
         model.new_interval()
         for s in range(T):
             clock[0] += 1
-            st = model.stream_step(clock[0], frames[:, s], labels)
+            if stream_src[0] is not None:
+                step = next(stream_src[0])
+                st = model.stream_step(clock[0], step.frames, step.labels)
+            else:
+                st = model.stream_step(clock[0], frames[:, s], labels)
         return st
+
+    if stream and cfg.get("montage"):
+        mld = data.ClipLoader(ds, batch_size=cfg["batch"], clip_len=T, train=True,
+                              flip=False, seed=seed)
+        stream_src[0] = data.montage_stream(mld, min_len=max(1, T // 2))
 
     twin = None
     if align_every and method in ("skip", "skip-add", "fa-skip") and not stream:
-        spec = tiny_spec(cfg, ds.num_classes)
+        spec = tiny_spec(cfg, ncls)
         twin = BPTT(Topology(spec, mode=ENGINE_MODES[method][0], k=cfg["k"],
                              fuse=ENGINE_MODES[method][1]), seed=seed)
     curve, losses, align, probes = [], [], [], []
-    t0 = time.perf_counter()
-    it = 0
+    it, elapsed, stopped = 0, 0.0, None
+    ema = WeightAverage(model, cfg["ema"]) if cfg.get("ema") else None
+    plateau = dict(best=float("inf"), since=0, cuts=0) if cfg.get("plateau") else None
+    if st0 is not None:
+        arrays = dict(np.load(part.with_suffix(".npz")))
+        load_model_state(model, {k: v for k, v in arrays.items() if not k.startswith("ema__")})
+        if ema is not None:
+            ema.avg = {k[5:]: v for k, v in arrays.items() if k.startswith("ema__")}
+        it, elapsed = st0["it"], st0["elapsed"]
+        curve, losses, align, probes = st0["curve"], st0["losses"], st0["align"], st0["probes"]
+        plateau = st0.get("plateau", plateau)
+        print(f"  {key}: resumed at iteration {it}", flush=True)
     shadow = shadow_twin = None
     if cfg.get("probe"):  # fixed clips, and an engine + BPTT pair that shares the parameters
-        shadow = build("skip", dict(cfg, unit_lr=None), seed, ds.num_classes)
+        shadow = build("skip", dict(cfg, unit_lr=None, amsgrad=False), seed, ncls)
         shadow_twin = BPTT(shadow.topo, seed=seed)
         pb = []
         _loop(ds, dict(cfg), seed + 1000, cfg.get("probe_batches", 16),
@@ -405,52 +606,108 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         shadow_twin.load_parameters(params)
         probes.append({"it": it, "units": probe(shadow, shadow_twin, pb, T)})
 
+    def save_partial():
+        if stream:
+            return
+        arrays = model_state(model)
+        if ema is not None:
+            arrays.update({f"ema__{k}": v for k, v in ema.avg.items()})
+        part.parent.mkdir(parents=True, exist_ok=True)
+        tmp = part.parent / (part.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(part.with_suffix(".npz"))
+        sc.write_json(part.with_suffix(".json"), dict(
+            cfg=cfg, it=it, elapsed=elapsed + time.perf_counter() - t0, curve=curve,
+            losses=losses, align=align, probes=probes, plateau=plateau))
+
+    def lr_cut(factor):
+        for o in model.opt.values():
+            o.schedule.lr *= factor
+
     def step(b):
-        nonlocal it
+        nonlocal it, stopped
         if shadow is not None and it % cfg["probe"] == 0:
             do_probe()
-        f, TT = clip_for(method, b.frames, T)
+        f, TT = clip_for(method, b.frames, T) if b is not None else (None, T)
         if twin is not None and it % align_every == 0:
-            st, cos, dcos = alignment(model, twin, f, b.labels, TT, ds.num_classes)
-            align.append({"it": it, "cos": cos, "dcos": dcos})
+            st, cos, dcos, norms = alignment(model, twin, f, b.labels, TT, ncls)
+            align.append({"it": it, "cos": cos, "dcos": dcos, "norms": norms})
         elif stream:
-            st = stream_clip(f, b.labels)
+            st = stream_clip(f, b.labels if b is not None else None)
         else:
             st = model.run_clip(TT, f, b.labels)
         losses.append(st.loss)
         it += 1
+        if ema is not None:
+            ema.update()
+        if plateau is not None:  # lr x gamma when the mean training loss of the last
+            # `patience` iterations is no better than the best such mean so far
+            patience, gamma = cfg["plateau"]
+            if it % patience == 0:
+                m = float(np.mean(losses[-patience:]))
+                if m < plateau["best"] * 0.99:
+                    plateau["best"] = m
+                else:
+                    lr_cut(gamma)
+                    plateau["cuts"] += 1
         if it % eval_every == 0 or it == iters:
+            if ema is not None:
+                ema.swap()
             acc = evaluate(model, method, root, T, cfg["batch"])
+            if ema is not None:
+                ema.swap()
             clock[0] = 0  # evaluation ran reset-mode clips: restart the stream
             curve.append([it, acc])
             print(f"  {key} it {it}: acc {acc:.3f} loss "
-                  f"{np.mean(losses[-eval_every:]):.3f}", flush=True)
+                  f"{np.mean(losses[-eval_every:]):.3f} "
+                  f"({elapsed + time.perf_counter() - t0:.0f} s)", flush=True)
+            hold = cfg.get("hold") if method == "bptt" else None
+            if hold and len(curve) >= hold and all(a >= 0.95 for _, a in curve[-hold:]):
+                stopped = it
+            if it < iters and not stopped:
+                save_partial()
+                if STOP_AFTER and it >= STOP_AFTER:
+                    raise SystemExit(f"{key}: stopped after iteration {it} (--stop-after); "
+                                     "run the same command again to continue")
 
+    t0 = time.perf_counter()
+    done = 0
     for pds, n in phases:
-        _loop(pds, cfg, seed, n, step)
+        if it >= done + n:
+            done += n
+            continue
+        gen = (_nothing() if stream_src[0] is not None  # the montage stream feeds it
+               else train_batches(pds, cfg, seed, start=it - done))
+        try:
+            while it < done + n and not stopped:
+                step(next(gen))
+        finally:
+            gen.close()
+        done += n
+        if stopped:
+            break
+    if stream_src[0] is not None:
+        stream_src[0].close()
+        mld.close()
     res = dict(key=key, variant=variant, method=method, seed=seed, cfg=cfg, curve=curve,
-               final_acc=curve[-1][1], best_acc=max(a for _, a in curve),
-               first_90=next((i for i, a in curve if a >= 0.9), None),
+               **_summary(curve), stopped_early=stopped,
                loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
-               align=align, probes=probes, seconds=round(time.perf_counter() - t0, 1),
-               command=" ".join(["python", "benchmarks/study_motion.py"] + sys.argv[1:]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    tmp.replace(path)
+               align=align, probes=probes,
+               seconds=round(elapsed + time.perf_counter() - t0, 1),
+               command=sc.command("study_motion.py"))
+    if cfg.get("arch"):
+        res["arch_units"] = arch_units(cfg)
+    if plateau is not None:
+        res["plateau_cuts"] = plateau["cuts"]
+    sc.write_json(path, res)
+    for suffix in (".json", ".npz"):
+        part.with_suffix(suffix).unlink(missing_ok=True)
     return res
 
 
 # -- report ---------------------------------------------------------------------------------
-def _nanmean(xs) -> float:
-    """Mean of the finite values (nan when there are none, e.g. a unit without parameters)."""
-    xs = [x for x in xs if x == x]
-    return float(np.mean(xs)) if xs else float("nan")
-
-
-
 def report(out: Path):
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    runs = sc.load_runs(out / "runs")
     if not runs:
         return
     groups = {}
@@ -470,10 +727,10 @@ def report(out: Path):
         al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
         if al:
             units = sorted(al[0]["cos"], key=int)
-            cos = " / ".join(f"{_nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
+            cos = " / ".join(f"{sc.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
             dl = [a for a in al if a.get("dcos")]
             if dl:
-                dcos = " / ".join(f"{_nanmean([a['dcos'][u] for a in dl]):.2f}"
+                dcos = " / ".join(f"{sc.nanmean([a['dcos'][u] for a in dl]):.2f}"
                                   for u in units)
         lines.append(f"| {v} | {m} | {len(rs)} | {np.mean(accs):.3f} / "
                      f"{', '.join(f'{a:.3f}' for a in accs)} | {f90} | {cos} | {dcos} | "
@@ -515,7 +772,7 @@ def report(out: Path):
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
     # seed 0 only: one panel per variant and method stays readable
-    common.plot_alignment([r for r in runs if r["align"] and r["seed"] == 0],
+    sc.plot_alignment([r for r in runs if r["align"] and r["seed"] == 0],
                           out / "alignment.png")
 
 
@@ -533,9 +790,13 @@ def main(argv=None):
     p.add_argument("--align-every", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="tiny smoke run into <out>/quick")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop a run at its first evaluation at or after this iteration, with "
+                   "its state saved (for testing the resumption)")
     a = p.parse_args(argv)
-    global DATA
+    global DATA, STOP_AFTER
     DATA = a.data or DATA
+    STOP_AFTER = a.stop_after
     out = a.out
     if a.quick:
         out = out / "quick"
@@ -555,6 +816,7 @@ def main(argv=None):
                            **({"curriculum": [cfg["curriculum"][0], 20]}
                               if cfg.get("curriculum") else {}),
                            **({"bptt_init": 5} if cfg.get("bptt_init") else {}))
+                cfg.pop("eval_every", None)
             for m in methods:
                 if meths and m not in meths:
                     continue
