@@ -706,50 +706,94 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
 
 
 # -- report ---------------------------------------------------------------------------------
-def report(out: Path):
-    runs = sc.load_runs(out / "runs")
-    if not runs:
-        return
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["variant"], r["method"]), []).append(r)
-    order = {v[0]: i for i, v in enumerate(VARIANTS)}
-    lines = ["| variant | method | seeds | final acc (mean / each) | first eval >= 0.9 "
-             "(iterations, each) | mean pseudo/exact cosine U1..UL (last half) | same, "
-             "label-dependent part | s/run |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (v, m), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99),
-                                                            METHODS.index(kv[0][1]))):
-        rs = sorted(rs, key=lambda r: r["seed"])
-        accs = [r["final_acc"] for r in rs]
-        f90 = ", ".join(str(r["first_90"]) if r["first_90"] else "-" for r in rs)
-        cos = dcos = "-"
-        al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
-        if al:
-            units = sorted(al[0]["cos"], key=int)
-            cos = " / ".join(f"{sc.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
-            dl = [a for a in al if a.get("dcos")]
-            if dl:
-                dcos = " / ".join(f"{sc.nanmean([a['dcos'][u] for a in dl]):.2f}"
-                                  for u in units)
-        lines.append(f"| {v} | {m} | {len(rs)} | {np.mean(accs):.3f} / "
-                     f"{', '.join(f'{a:.3f}' for a in accs)} | {f90} | {cos} | {dcos} | "
-                     f"{np.mean([r['seconds'] for r in rs]):.0f} |")
-    cfgs = {r["variant"]: r["cfg"] for r in runs}
-    lines += ["", "Settings per variant (task still = speed 0 vs speed v; direction = left vs "
-              "right):", ""]
-    for v, c in sorted(cfgs.items(), key=lambda kv: order.get(kv[0], 99)):
-        lines.append(f"- {v}: " + ", ".join(f"{k}={c[k]}" for k in sorted(c)))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
+def _fmt_first(rs) -> str:
+    return ", ".join(str(r["first_90"]) if r["first_90"] else "-" for r in rs)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    variants = sorted({r["variant"] for r in runs}, key=lambda v: order.get(v, 99))
+
+def _arch_table(groups) -> list:
+    """Skip-Sideways against its BPTT twin, per architecture, task and lr."""
+    lines = ["", "Architecture study (no input unit; 32x32, 16-frame clips, batch 16, Adam): "
+             "Skip-Sideways and its exact-BPTT twin. 'kept' = lowest eval from the first "
+             ">= 0.9 on; a BPTT twin stops after holding >= 0.95 for 3 evaluations.", "",
+             "| variant | seeds | skip: first eval >= 0.9 | skip: final / best / kept | "
+             "BPTT: first eval >= 0.9 | skip / BPTT iterations |", "|---|---|---|---|---|---|"]
+    for (v, m), rs in sorted(groups.items()):
+        if m != "skip" or not rs[0]["cfg"].get("arch"):
+            continue
+        rs = sorted(rs, key=lambda r: r["seed"])
+        tw = {r["seed"]: r for r in groups.get((v, "bptt"), [])}
+        fk = ", ".join(f"{r['final_acc']:.2f} / {r['best_acc']:.2f} / "
+                       + (f"{r['min_after_90']:.2f}" if r.get("min_after_90") is not None
+                          else "-") for r in rs)
+        tf = ", ".join(str(tw[r["seed"]]["first_90"] or "-") if r["seed"] in tw else "?"
+                       for r in rs)
+        ratio = []
+        for r in rs:
+            b = tw.get(r["seed"])
+            ratio.append(f"{r['first_90'] / b['first_90']:.1f}" if r["first_90"] and b
+                         and b["first_90"] else "-")
+        lines.append(f"| {v} | {', '.join(str(r['seed']) for r in rs)} | {_fmt_first(rs)} | "
+                     f"{fk} | {tf} | {', '.join(ratio)} |")
+    return lines
+
+
+def _probe_table(runs) -> list:
+    """Expected-gradient cosines (``ecos``) along each trajectory (runs with probes)."""
+    rows = [r for r in runs if r.get("probes") and r["cfg"].get("arch")]
+    if not rows:
+        return []
+    lines = ["", "Expected-gradient probes (arch variants): per unit, cosine of the summed "
+             "pseudo-gradients and the summed exact gradients over fixed training clips, at "
+             "the parameters of the run's own trajectory ('skip': Skip-Sideways, 'bptt': its "
+             "twin); test accuracy at the nearest evaluation.", "",
+             "| run | iteration | test acc | ecos U1..UL |", "|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["key"]):
+        acc = dict((i, a) for i, a in r["curve"])
+        for p in r["probes"]:
+            units = sorted(p["units"], key=int)
+            a = acc.get(p["it"])
+            lines.append(f"| {r['key']} | {p['it']} | {'-' if a is None else f'{a:.2f}'} | "
+                         + " / ".join(f"U{u} {p['units'][u]['ecos']:.2f}" for u in units)
+                         + " |")
+    return lines
+
+
+def _drift_table(runs) -> list:
+    """Per unit, before and after the first eval >= 0.9: mean per-clip cosine, pseudo and
+    exact gradient norms, and the norm of the applied update (the drift measurement)."""
+    rows = [r for r in runs if r["align"] and r["align"][0].get("norms") and r["first_90"]]
+    if not rows:
+        return []
+    lines = ["", "Drift measurement (runs that reached 0.9): per unit, mean over the "
+             "alignment points before / after the first eval >= 0.9: cosine(pseudo, exact) | "
+             "||pseudo|| : ||exact|| | ||update|| (x1e3).", "",
+             "| run | unit | cos before / after | norms before | norms after | "
+             "update before / after |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["key"]):
+        f = r["first_90"]
+        pre = [a for a in r["align"] if a["it"] < f]
+        post = [a for a in r["align"] if a["it"] >= f]
+        if not pre or not post:
+            continue
+        for u in sorted(r["align"][0]["cos"], key=int):
+            def m(al, i):
+                return sc.nanmean([a["norms"][u][i] for a in al])
+            if m(post, 1) == 0 and m(pre, 1) == 0:
+                continue  # no parameters (the stem or an identity unit)
+            lines.append(
+                f"| {r['key']} | U{u} | {sc.nanmean([a['cos'][u] for a in pre]):.2f} / "
+                f"{sc.nanmean([a['cos'][u] for a in post]):.2f} | {m(pre, 0):.3f} : "
+                f"{m(pre, 1):.3f} | {m(post, 0):.3f} : {m(post, 1):.3f} | "
+                f"{1e3 * m(pre, 2):.2f} / {1e3 * m(post, 2):.2f} |")
+    return lines
+
+
+def _plot_curves(runs, variants, path, order):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    variants = sorted(variants, key=lambda v: order.get(v, 99))
     ncol = min(4, len(variants))
     nrow = -(-len(variants) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
@@ -763,17 +807,76 @@ def report(out: Path):
                     label=r["method"] if r["seed"] == min(
                         q["seed"] for q in runs if q["variant"] == v
                         and q["method"] == r["method"]) else None)
-        ax.set_title(v)
+        ax.set_title(v, fontsize=9)
         ax.set_xlabel("iteration")
-        ax.set_ylim(0.3, 1.02)
-        ax.axhline(0.5, color="gray", lw=0.5)
+        ax.set_ylim(0.15, 1.02)
+        chance = 0.25 if runs and any(r["variant"] == v and r["cfg"]["task"] == "dir4"
+                                      for r in runs) else 0.5
+        ax.axhline(chance, color="gray", lw=0.5)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test clip accuracy")
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def report(out: Path):
+    runs = sc.load_runs(out / "runs")
+    if not runs:
+        return
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["variant"], r["method"]), []).append(r)
+    order = {v[0]: i for i, v in enumerate(VARIANTS)}
+    lines = ["| variant | method | seeds | final acc (mean / each) | first eval >= 0.9 "
+             "(iterations, each) | best / kept after 0.9 (each) | mean pseudo/exact cosine "
+             "U1..UL (last half) | same, label-dependent part | s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (v, m), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99),
+                                                            METHODS.index(kv[0][1]))):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        accs = [r["final_acc"] for r in rs]
+        kept = ", ".join(f"{r['best_acc']:.2f} / " + (f"{r['min_after_90']:.2f}"
+                                                       if r.get("min_after_90") is not None
+                                                       else "-") for r in rs)
+        cos = dcos = "-"
+        al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
+        if al:
+            units = sorted(al[0]["cos"], key=int)
+            cos = " / ".join(f"{sc.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
+            dl = [a for a in al if a.get("dcos")]
+            if dl:
+                dcos = " / ".join(f"{sc.nanmean([a['dcos'][u] for a in dl]):.2f}"
+                                  for u in units)
+        stop = [str(r["stopped_early"]) for r in rs if r.get("stopped_early")]
+        lines.append(f"| {v} | {m} | {len(rs)} | {np.mean(accs):.3f} / "
+                     f"{', '.join(f'{a:.3f}' for a in accs)} | {_fmt_first(rs)}"
+                     + (f" (stopped at {', '.join(stop)})" if stop else "")
+                     + f" | {kept} | {cos} | {dcos} | "
+                     f"{np.mean([r['seconds'] for r in rs]):.0f} |")
+    lines += _arch_table(groups) + _drift_table(runs) + _probe_table(runs)
+    cfgs = {r["variant"]: r["cfg"] for r in runs}
+    lines += ["", "Settings per variant (task still = speed 0 vs speed v; direction = left vs "
+              "right; dir4 = right, left, down, up):", ""]
+    for v, c in sorted(cfgs.items(), key=lambda kv: order.get(kv[0], 99)):
+        lines.append(f"- {v}: " + ", ".join(f"{k}={c[k]}" for k in sorted(c)))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    arch = {r["variant"] for r in runs if r["cfg"].get("arch")}
+    rest = {r["variant"] for r in runs} - arch
+    if rest:
+        _plot_curves(runs, rest, out / "curves.png", order)
+    if arch:
+        _plot_curves(runs, arch, out / "curves_arch.png", order)
     # seed 0 only: one panel per variant and method stays readable
-    sc.plot_alignment([r for r in runs if r["align"] and r["seed"] == 0],
-                          out / "alignment.png")
+    sc.plot_alignment([r for r in runs if r["align"] and r["seed"] == 0 and r["variant"] in rest],
+                      out / "alignment.png")
+    sc.plot_alignment([r for r in runs if r["align"] and r["seed"] == 0 and r["variant"] in arch],
+                      out / "alignment_arch.png")
 
 
 def main(argv=None):

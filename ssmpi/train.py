@@ -66,6 +66,15 @@ def _base_model(cfg, num_classes: int, frame_hw):
                            resolution=res)
     if m.name == "fullres":
         return models.fullres(units=m.units, width=max(1, int(m.width)), resolution=res)
+    if m.name == "custom":  # model.arch: the units as text; shapes checked at this frame size
+        from .config import ConfigError
+        from .nn.architecture import ArchitectureError
+
+        try:
+            return models.custom(m.arch, num_classes, resolution=res,
+                                 name=m.arch_name or "custom")
+        except ArchitectureError as e:
+            raise ConfigError(str(e)) from None
     raise ValueError(f"model {m.name!r}")
 
 

@@ -73,7 +73,7 @@ KINDS = {
 }
 ALIASES = {"pool": "maxpool", "globalpool": "gap", "global_avgpool": "gap",
            "space_to_depth": "s2d", "dense": "linear"}
-IMAGE_KINDS = ("conv", "maxpool", "avgpool", "gap", "s2d")  # need an (H, W, C) input
+IMAGE_KINDS = ("conv", "pool", "avgpool", "gap", "s2d")  # descriptions that need (H, W, C)
 
 
 def _where(unit: int, layer: Optional[int], text, origin: str) -> str:
@@ -243,16 +243,16 @@ def build_spec(units, num_classes: int, in_shape: Sequence[int], name: str = "cu
     for u, mod in enumerate(mods, start=1):
         rm = []
         for j, d in enumerate(mod, start=1):
+            text = format_layer(d)
             if d[0] == "linear" and d[1] == "classes":
                 if num_classes < 1:
-                    raise ArchitectureError(f"{_where(u, j, format_layer(d), origin)}: the "
-                                            f"class count is unknown (set model.num_classes)")
+                    raise ArchitectureError(f"{_where(u, j, text, origin)}: the class count "
+                                            f"is unknown (set model.num_classes)")
                 d = ("linear", int(num_classes))
             try:
                 shape = _shape_of(d, shape)
             except ArchitectureError as e:
-                raise ArchitectureError(f"{_where(u, j, format_layer(d), origin)}: {e}") \
-                    from None
+                raise ArchitectureError(f"{_where(u, j, text, origin)}: {e}") from None
             rm.append(d)
         resolved.append(rm)
     last = len(mods)
