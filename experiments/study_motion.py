@@ -150,7 +150,7 @@ ARCH_STUDY += [(f"{a}-dir4-sideways", dict(ARCH, arch=a, lr=5e-4, iters=1000), (
 # knowledge of when the solution appears
 KEEP = dict(DIR, stem=True, iters=3000)
 KEEP_STUDY = [
-    ("keep-const", dict(KEEP), ("skip",)),
+    ("keep-const", dict(KEEP, probe=200), ("skip",)),
     ("keep-amsgrad", dict(KEEP, amsgrad=True), ("skip",)),
     ("keep-stale", dict(KEEP, unit_lr="stale"), ("skip",)),
     ("keep-ema", dict(KEEP, ema=0.99), ("skip",)),

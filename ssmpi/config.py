@@ -309,7 +309,8 @@ def _validate_arch(m: ModelConfig):
 def _resolve_arch_file(cfg: Config, config_path: Optional[str]):
     """Copy the architecture file named by model.arch_file into model.arch (so that the
     resolved config alone describes the model) and clear model.arch_file. A relative path is
-    looked up from the working directory, then from the config file's folder."""
+    looked up from the working directory, then from the config file's folder and the two
+    above it (so "jobs/archs/x.toml" in jobs/configs/*.toml works from anywhere)."""
     from .nn.architecture import ArchitectureError, load_arch_file
 
     m = cfg.model
@@ -320,8 +321,8 @@ def _resolve_arch_file(cfg: Config, config_path: Optional[str]):
                           "(set the other to [] or \"\")")
     p = Path(m.arch_file)
     if not p.is_absolute() and not p.is_file() and config_path:
-        alt = Path(config_path).parent / p
-        p = alt if alt.is_file() else p
+        here = Path(config_path).resolve().parent
+        p = next((d / p for d in [here, *here.parents][:3] if (d / p).is_file()), p)
     try:
         d = load_arch_file(p)
     except ArchitectureError as e:

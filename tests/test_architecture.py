@@ -222,6 +222,12 @@ def test_config_embeds_the_architecture_file(tmp_path):
     assert c2.model.arch == [["conv 4"], ["gap", "linear 2"]]
 
 
+def test_job_config_finds_its_architecture_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(ROOT / "jobs" / "configs" / "motion32_probe_skip.toml"))
+    assert cfg.model.arch == A.load_arch_file(ROOT / "jobs" / "archs" / "probe.toml")["units"]
+
+
 @pytest.mark.parametrize("sets,message", [
     (["model.name=custom"], "model.name = 'custom' needs the units"),
     (['model.arch=[["relu"]]'], "model.name must be 'custom' (got 'vgg8')"),
