@@ -61,7 +61,7 @@ from ssmpi.engine.bptt import BPTT
 from ssmpi.engine.executor import Engine
 from ssmpi.engine.topology import Placement, Topology
 from ssmpi.nn import architecture, models
-from ssmpi.optim import make_optimizer
+from ssmpi.optim import make_optimizer, unit_lr_scale
 
 ROOT = sc.ROOT
 ARCH_DIR = ROOT / "jobs" / "archs"
@@ -156,6 +156,8 @@ KEEP_STUDY = [
     ("keep-ema", dict(KEEP, ema=0.99), ("skip",)),
     ("keep-plateau", dict(KEEP, plateau=[200, 0.5]), ("skip",)),
     ("keep-sgd", dict(KEEP, opt="sgd", lr=0.05), ("skip",)),
+    # the staleness rule without the input unit: does slowing U1/U2 let direction form?
+    ("dir-stale", dict(DIR, unit_lr="stale"), ("skip",)),
 ]
 
 # -- stream mode with long clips (issue 16): clip boundaries pass through the pipeline once per
@@ -254,8 +256,8 @@ def unit_lrs(cfg: dict, L: int) -> list:
     counted), or "stale": U_l's multiplier 1 / (1 + 2(L - l)), the inverse of the age of the
     cotangent its pseudo-gradient uses (2(L-l) steps; the head's is 1). [] = all 1."""
     u = cfg.get("unit_lr")
-    if u == "stale":
-        return [1.0 / (1 + 2 * (L - l)) for l in range(1, L + 1)]
+    if u == "stale":  # the trainer's optim.unit_lr = "stale"
+        return [unit_lr_scale("stale", l, L) for l in range(1, L + 1)]
     return list(u or [])
 
 
@@ -778,8 +780,8 @@ def _drift_table(runs) -> list:
         for u in sorted(r["align"][0]["cos"], key=int):
             def m(al, i):
                 return sc.nanmean([a["norms"][u][i] for a in al])
-            if m(post, 1) == 0 and m(pre, 1) == 0:
-                continue  # no parameters (the stem or an identity unit)
+            if m(post, 0) == 0 and m(pre, 0) == 0:
+                continue  # no pseudo-gradient (a unit without parameters, or the stem)
             lines.append(
                 f"| {r['key']} | U{u} | {sc.nanmean([a['cos'][u] for a in pre]):.2f} / "
                 f"{sc.nanmean([a['cos'][u] for a in post]):.2f} | {m(pre, 0):.3f} : "

@@ -107,6 +107,8 @@ class OptimConfig:
     min_lr: float = 0.0  # cosine floor
     milestones: List[int] = field(default_factory=list)  # step schedule: updates where lr *= gamma
     gamma: float = 0.1  # step schedule factor
+    unit_lr: str = "same"  # same | stale: unit U_l's lr x 1/(1 + 2(L-l)), the age of its
+    #   cotangent; keeps a found solution at a constant lr (docs/FINDINGS.md, section 10)
 
 
 @dataclass
@@ -142,6 +144,7 @@ CHOICES = {
     "data.target": ("newest", "direct"),
     "optim.name": ("adam", "sgd"),
     "optim.schedule": ("constant", "step", "cosine"),
+    "optim.unit_lr": ("same", "stale"),
 }
 POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_unit",
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",

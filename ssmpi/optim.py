@@ -8,7 +8,9 @@ gradient ``g`` (P,), so they are one fused pass over contiguous memory on NumPy 
   AMSGrad variant (``amsgrad=True``: the step is divided by the largest second-moment
   estimate seen so far, so it shrinks when the gradients do; docs/FINDINGS.md, section 9);
 - :func:`clip_by_norm`: gradient-norm clipping over the whole unit;
-- :class:`Schedule`: ``constant``, ``step``, ``cosine``, each with an optional linear warm-up.
+- :class:`Schedule`: ``constant``, ``step``, ``cosine``, each with an optional linear warm-up;
+- :func:`unit_lr_scale`: per-unit learning-rate multipliers (``"stale"``: by the age of the
+  cotangent a unit's pseudo-gradient uses).
 """
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ from . import backend
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam")
+UNIT_LR_RULES = ("same", "stale")
+
+
+def unit_lr_scale(rule: str, l: int, L: int) -> float:
+    """Learning-rate multiplier of unit U_l (1-based) of a pipeline of L units.
+
+    ``"same"``: 1. ``"stale"``: 1 / (1 + 2(L - l)). In Sideways / Skip-Sideways the
+    cotangent that reaches U_l is 2(L - l) steps old (the head's is fresh), so the
+    pseudo-gradients of the lower units are the least exact ones; this rule slows each unit
+    in proportion. Measured (docs/FINDINGS.md, section 10): with it a direction-of-motion
+    solution found by Skip-Sideways is kept at a constant base learning rate, where with
+    equal rates the first conv unit's updates pull it apart."""
+    if rule == "same":
+        return 1.0
+    if rule == "stale":
+        if not 1 <= l <= L:
+            raise ValueError(f"unit {l} outside 1..{L}")
+        return 1.0 / (1 + 2 * (L - l))
+    raise ValueError(f"unit lr rule {rule!r} is not one of {', '.join(UNIT_LR_RULES)}")
 
 
 @dataclass

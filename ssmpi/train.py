@@ -163,16 +163,24 @@ class Setup:
             o = cfg.optim
             total = cfg.run.iterations * (max(1, cfg.data.clip_len // e.update_every)
                                           if e.schedule == "stream" else 1)
+            okw = dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay, clip=o.clip, schedule=o.schedule,
+                       warmup=o.warmup, total=total, min_lr=o.min_lr,
+                       milestones=o.milestones, gamma=o.gamma)
             self.engine = Engine(
                 self.topo, self.placement, comm, batch=cfg.data.batch_size, seed=cfg.run.seed,
                 dtype=np.dtype(cfg.run.dtype), wait_mode=e.wait_mode, watchdog_s=e.watchdog_s,
                 cuda_aware=e.cuda_aware, nonfinite=e.nonfinite, target=cfg.data.target,
                 frame_offset=cfg.data.frame_offset, update_every=e.update_every,
-                tracer=self.tracer,
-                optimizer=dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay, clip=o.clip, schedule=o.schedule,
-                               warmup=o.warmup, total=total, min_lr=o.min_lr,
-                               milestones=o.milestones, gamma=o.gamma))
+                tracer=self.tracer, optimizer=okw)
+            if o.unit_lr != "same":  # per-unit learning rates: one optimizer per local unit
+                from .optim import make_optimizer, unit_lr_scale
+
+                for l, u in self.engine.units.items():
+                    scale = unit_lr_scale(o.unit_lr, l, self.topo.L)
+                    self.engine.opt[l] = make_optimizer(
+                        u.theta, **dict(okw, lr=o.lr * scale,
+                                        min_lr=o.min_lr * scale))
 
     def loader(self, split: str, train: bool):
         from . import data
