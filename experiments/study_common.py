@@ -85,5 +85,5 @@ def plot_alignment(runs, path):
     axes[0][0].set_ylabel("cos(pseudo-grad, BPTT grad)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)  # many panels: keep the PNG well under 1 MB
     plt.close(fig)

@@ -523,8 +523,17 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
             align_every: int) -> dict:
     key = f"{variant}__{method}__s{seed}"
     path = out / "runs" / f"{key}.json"
+    part = out / "partial" / key  # .json (curves) + .npz (weights): a run in progress
+    final = out / "partial" / f"{key}__final"  # the state at the end of a finished run
     if path.exists():
-        return json.loads(path.read_text())
+        done = json.loads(path.read_text())
+        if not _extends(done, cfg) or not _f(final, "npz").exists():
+            return done
+        # the same run with more iterations: continue from where it ended
+        _f(final, "npz").replace(_f(part, "npz"))
+        st = json.loads(_f(final, "json").read_text())
+        sc.write_json(_f(part, "json"), dict(st, cfg=cfg))
+        _f(final, "json").unlink()
     eval_every = cfg.get("eval_every", eval_every)
     root = dataset(out, cfg)
     ds = data.open_dataset(root, "train")
@@ -532,10 +541,9 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
     model = build(method, cfg, seed, ncls)
     T, iters = cfg["T"], cfg["iters"]
     stream = bool(cfg.get("stream")) and method in ENGINE_MODES
-    part = out / "partial" / key  # .json (curves) + .npz (weights): a run in progress
     st0 = None
-    if not stream and part.with_suffix(".json").exists():
-        st0 = json.loads(part.with_suffix(".json").read_text())
+    if not stream and _f(part, "json").exists():
+        st0 = json.loads(_f(part, "json").read_text())
         if st0.get("cfg") != json.loads(json.dumps(cfg)):
             st0 = None  # the variant changed since: start again
     if st0 is None and cfg.get("bptt_init") and method != "bptt":  # exact-BPTT phase first
@@ -585,7 +593,7 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
     ema = WeightAverage(model, cfg["ema"]) if cfg.get("ema") else None
     plateau = dict(best=float("inf"), since=0, cuts=0) if cfg.get("plateau") else None
     if st0 is not None:
-        arrays = dict(np.load(part.with_suffix(".npz")))
+        arrays = dict(np.load(_f(part, "npz")))
         load_model_state(model, {k: v for k, v in arrays.items() if not k.startswith("ema__")})
         if ema is not None:
             ema.avg = {k[5:]: v for k, v in arrays.items() if k.startswith("ema__")}
@@ -608,17 +616,17 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         shadow_twin.load_parameters(params)
         probes.append({"it": it, "units": probe(shadow, shadow_twin, pb, T)})
 
-    def save_partial():
+    def save_partial(dest=part):
         if stream:
             return
         arrays = model_state(model)
         if ema is not None:
             arrays.update({f"ema__{k}": v for k, v in ema.avg.items()})
-        part.parent.mkdir(parents=True, exist_ok=True)
-        tmp = part.parent / (part.name + ".tmp.npz")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / (dest.name + ".tmp.npz")
         np.savez(tmp, **arrays)
-        tmp.replace(part.with_suffix(".npz"))
-        sc.write_json(part.with_suffix(".json"), dict(
+        tmp.replace(_f(dest, "npz"))
+        sc.write_json(_f(dest, "json"), dict(
             cfg=cfg, it=it, elapsed=elapsed + time.perf_counter() - t0, curve=curve,
             losses=losses, align=align, probes=probes, plateau=plateau))
 
@@ -701,10 +709,24 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         res["arch_units"] = arch_units(cfg)
     if plateau is not None:
         res["plateau_cuts"] = plateau["cuts"]
+    if not stopped:  # kept, so that the run can be extended (more iterations) later
+        save_partial(final)
     sc.write_json(path, res)
-    for suffix in (".json", ".npz"):
-        part.with_suffix(suffix).unlink(missing_ok=True)
+    for ext in ("json", "npz"):
+        _f(part, ext).unlink(missing_ok=True)
     return res
+
+
+def _f(base: Path, ext: str) -> Path:
+    """``base`` + "." + ``ext`` (``with_suffix`` would cut a name that holds a dot)."""
+    return base.parent / f"{base.name}.{ext}"
+
+
+def _extends(done: dict, cfg: dict) -> bool:
+    """Is ``cfg`` the finished run's settings with more iterations?"""
+    old = done["cfg"]
+    same = json.loads(json.dumps(dict(cfg, iters=0))) == dict(old, iters=0)
+    return same and cfg["iters"] > old["iters"] and not done.get("stopped_early")
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -905,7 +927,7 @@ def main(argv=None):
     out = a.out
     if a.quick:
         out = out / "quick"
-        a.iters, a.eval_every, a.align_every, a.seeds = 40, 20, 10, "0"
+        a.iters, a.eval_every, a.align_every, a.seeds = a.iters or 40, 20, 10, "0"
     if not a.report_only:
         only = [v for v in a.only.split(",") if v]
         meths = [m for m in a.methods.split(",") if m]

@@ -84,4 +84,14 @@ def test_study_motion_architectures_and_resume(tmp_path):
         b = json.loads((tmp_path / "b" / "quick" / "runs" / f"{v}__skip__s0.json").read_text())
         for k in ("curve", "loss", "align"):
             assert a[k] == b[k], (v, k)
-    assert not list((tmp_path / "b" / "quick" / "partial").glob("*.npz"))
+    assert not list((tmp_path / "b" / "quick" / "partial").glob("keep-ema__skip__s0.npz"))
+    # a finished run asked for more iterations continues from its end: the same numbers as a
+    # run made that long from the start
+    _run("study_motion.py", *args[2:-1], "keep-plateau", "--iters", "60")
+    _run("study_motion.py", "--quick", "--out", str(tmp_path / "c"), "--data",
+         str(tmp_path / "d"), "--only", "keep-plateau", "--iters", "60")
+    a, b = (json.loads((tmp_path / x / "quick" / "runs" / "keep-plateau__skip__s0.json")
+                       .read_text()) for x in ("b", "c"))
+    assert [i for i, _ in a["curve"]] == [20, 40, 60]
+    for k in ("curve", "loss", "align"):
+        assert a[k] == b[k], k
