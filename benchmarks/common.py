@@ -278,36 +278,6 @@ def _finish(result, per_rank, comm, out_path, tracer, spec):
         Path(out_path).write_text(json.dumps(result))
 
 
-# -- studies -------------------------------------------------------------------------------
-def plot_alignment(runs, path):
-    """One panel per run: its per-unit cosine(pseudo-gradient, exact BPTT gradient) curves
-    (``run["align"]``: [{"it", "cos": {unit: cosine}}]), written to ``path`` (PNG)."""
-    if not runs:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ncol = min(4, len(runs))
-    nrow = -(-len(runs) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
-    for ax in axes.flat[len(runs):]:
-        ax.set_visible(False)
-    for ax, r in zip(axes.flat, runs):
-        its = [a["it"] for a in r["align"]]
-        for u in sorted(r["align"][0]["cos"], key=int):
-            ax.plot(its, [a["cos"][u] for a in r["align"]], label=f"U{u}")
-        ax.set_title(r["key"], fontsize=8)
-        ax.set_xlabel("iteration")
-        ax.set_ylim(-1, 1)
-        ax.axhline(0, color="gray", lw=0.5)
-    axes[0][0].set_ylabel("cos(pseudo-grad, BPTT grad)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 # -- real-time feeding ---------------------------------------------------------------------
 def _realtime(eng, spec, frames, labels, comm):
     """Feed frames at ``fps`` in stream mode. Frame i arrives at t_start + i / fps. At every

@@ -3,27 +3,26 @@ quick exploration of regimes: the engine with every unit on this rank (placement
 change the mathematics, ALGORITHM.md invariant 1).
 
     python experiments/explore.py /tmp/motion --mode skip --lr 1e-3 --iters 1500 --batch 16
+    python experiments/explore.py /tmp/motion32 --arch jobs/archs/probe.toml --T 16 --lr 5e-4
 """
 
 from __future__ import annotations
 
+import study_common  # noqa: F401  isort: skip  (first: one BLAS thread, the repo on sys.path)
+
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
+from study_motion import evaluate  # clip accuracy on the test split
 
 from ssmpi import data
 from ssmpi.engine.bptt import BPTT
 from ssmpi.engine.executor import Engine
 from ssmpi.engine.topology import Placement, Topology
-from ssmpi.nn import models
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from study_motion import evaluate  # noqa: E402  (clip accuracy on the test split)
+from ssmpi.nn import architecture, models
 
 
 def main(argv=None):
@@ -32,6 +31,8 @@ def main(argv=None):
     p.add_argument("--mode", default="skip")
     p.add_argument("--fuse", default="concat")
     p.add_argument("--k", type=int, default=2)
+    p.add_argument("--arch", default="", help="an architecture file (jobs/archs/*.toml) "
+                   "instead of the tiny model")
     p.add_argument("--units", type=int, default=4)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--T", type=int, default=8)
@@ -44,8 +45,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     ds = data.open_dataset(a.root, "train")
-    spec = models.tiny(ds.num_classes, units=a.units, width=a.width,
-                       resolution=ds.frame_shape[0])
+    if a.arch:
+        d = architecture.load_arch_file(a.arch)
+        spec = models.custom(d["units"], ds.num_classes, resolution=ds.frame_shape[0],
+                             name=d["name"])
+    else:
+        spec = models.tiny(ds.num_classes, units=a.units, width=a.width,
+                           resolution=ds.frame_shape[0])
     opt = dict(name="adam", lr=a.lr, clip=a.clip, warmup=a.warmup)
     if a.mode == "bptt":
         eng = BPTT(Topology(spec, mode="skip", k=a.k, fuse=a.fuse), seed=a.seed, optimizer=opt)

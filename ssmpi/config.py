@@ -47,13 +47,19 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vgg8"  # vgg8 | vgg16 | tiny | fullres (frame prediction)
+    name: str = "vgg8"  # vgg8 | vgg16 | tiny | fullres (frame prediction) | custom (model.arch)
     width: float = 1.0  # channel multiplier (vgg8/vgg16); channels of the first conv (tiny)
     units: int = 8  # tiny, fullres: number of modules (conv modules + the head)
     num_classes: int = 0  # 0 = from the dataset
     s2d: bool = False  # vgg8: space-to-depth stem (Table 5)
     input_unit: bool = False  # prepend a parameter-free identity unit: the shortcut U1->U3
     #                           then carries the input frame (docs/FINDINGS.md)
+    arch: List[List[str]] = field(default_factory=list)  # custom: units, each a list of
+    #   layers, e.g. [["conv 16", "relu", "maxpool 2"], ["gap", "linear classes"]]
+    #   (syntax: ssmpi/nn/architecture.py); the resolved config.toml always holds it
+    arch_file: str = ""  # custom: read model.arch from this file (jobs/archs/*.toml); it is
+    #   copied into model.arch when the config is loaded (and this key cleared)
+    arch_name: str = ""  # custom: the model's name (default: the arch file's name or "custom")
 
 
 @dataclass
@@ -112,6 +118,8 @@ class OptimConfig:
     min_lr: float = 0.0  # cosine floor
     milestones: List[int] = field(default_factory=list)  # step schedule: updates where lr *= gamma
     gamma: float = 0.1  # step schedule factor
+    unit_lr: str = "same"  # same | stale: unit U_l's lr x 1/(1 + 2(L-l)), the age of its
+    #   cotangent; keeps a found solution at a constant lr (docs/FINDINGS.md, section 10)
 
 
 @dataclass
@@ -137,7 +145,7 @@ CHOICES = {
     "run.device": ("auto", "cpu", "gpu", "double"),
     "engine.allreduce": ("auto", "host", "cuda_aware", "nccl"),
     "run.dtype": ("float32", "float64"),
-    "model.name": ("vgg8", "vgg16", "tiny", "fullres"),
+    "model.name": ("vgg8", "vgg16", "tiny", "fullres", "custom"),
     "engine.mode": ("bp", "sideways", "skip", "fa-skip"),
     "engine.fuse": ("concat", "add"),
     "engine.clip_mode": ("reset", "stream"),
@@ -148,6 +156,7 @@ CHOICES = {
     "data.target": ("newest", "direct"),
     "optim.name": ("adam", "sgd"),
     "optim.schedule": ("constant", "step", "cosine"),
+    "optim.unit_lr": ("same", "stale"),
 }
 POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_unit",
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
@@ -165,8 +174,26 @@ def _sections(cfg: Config):
             yield f.name, v
 
 
+def _coerce_arch(key: str, value: Any) -> list:
+    """model.arch: a list of units, each a list of layer strings (TOML, or JSON in --set)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"config key {key}: expected a list of units such as "
+                              f"[[\"conv 16\", \"relu\"], [\"gap\", \"linear classes\"]], got "
+                              f"{value!r}") from None
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(u, (list, tuple)) and all(isinstance(x, str) for x in u) for u in value):
+        raise ConfigError(f"config key {key}: expected a list of units, each a list of layer "
+                          f"strings, got {value!r}")
+    return [list(u) for u in value]
+
+
 def _coerce(key: str, value: Any, default: Any):
     """Convert ``value`` to the type of ``default`` or raise ConfigError naming ``key``."""
+    if key == "model.arch":
+        return _coerce_arch(key, value)
     want = type(default)
     try:
         if want is bool:
@@ -287,6 +314,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key model.width: must be > 0, got {cfg.model.width}")
     if cfg.model.units < 2:
         raise ConfigError(f"config key model.units: must be >= 2, got {cfg.model.units}")
+    _validate_arch(cfg.model)
     if cfg.optim.momentum >= 1:
         raise ConfigError(f"config key optim.momentum: must be in [0, 1), got "
                           f"{cfg.optim.momentum}")
@@ -306,8 +334,55 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_arch(m: ModelConfig):
+    """model.name = custom <=> model.arch; the layer texts are well formed (shapes are
+    checked when the model is built, at the data's frame size)."""
+    from .nn.architecture import ArchitectureError, parse_units
+
+    if m.arch_file:
+        raise ConfigError("config key model.arch_file: not resolved (load configs with "
+                          "load_config or config_from_dict)")
+    if m.name == "custom" and not m.arch:
+        raise ConfigError("config key model.arch: model.name = 'custom' needs the units, in "
+                          "model.arch or model.arch_file (e.g. jobs/archs/probe.toml)")
+    if m.arch and m.name != "custom":
+        raise ConfigError(f"config key model.name: model.arch (or model.arch_file) is set, so "
+                          f"model.name must be 'custom' (got {m.name!r})")
+    if m.arch:
+        try:
+            parse_units(m.arch, origin="model.arch")
+        except ArchitectureError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _resolve_arch_file(cfg: Config, config_path: Optional[str]):
+    """Copy the architecture file named by model.arch_file into model.arch (so that the
+    resolved config alone describes the model) and clear model.arch_file. A relative path is
+    looked up from the working directory, then from the config file's folder and the two
+    above it (so "jobs/archs/x.toml" in jobs/configs/*.toml works from anywhere)."""
+    from .nn.architecture import ArchitectureError, load_arch_file
+
+    m = cfg.model
+    if not m.arch_file:
+        return
+    if m.arch:
+        raise ConfigError("config keys model.arch and model.arch_file are both set: give one "
+                          "(set the other to [] or \"\")")
+    p = Path(m.arch_file)
+    if not p.is_absolute() and not p.is_file() and config_path:
+        here = Path(config_path).resolve().parent
+        p = next((d / p for d in [here, *here.parents][:3] if (d / p).is_file()), p)
+    try:
+        d = load_arch_file(p)
+    except ArchitectureError as e:
+        raise ConfigError(f"config key model.arch_file: {e}") from None
+    m.arch, m.arch_file = [list(u) for u in d["units"]], ""
+    m.arch_name = m.arch_name or d["name"]
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the TOML file (if any), then ``--set`` overrides; validated."""
+    """Defaults, then the TOML file (if any), then ``--set`` overrides; validated.
+    ``model.arch_file`` is read here and copied into ``model.arch``."""
     cfg = Config()
     if path:
         p = Path(path)
@@ -320,12 +395,14 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         _apply(cfg, data, str(path))
     for o in overrides:
         _apply(cfg, parse_override(o), f"--set {o}")
+    _resolve_arch_file(cfg, path)
     return validate(cfg)
 
 
 def config_from_dict(d: dict) -> Config:
     cfg = Config()
     _apply(cfg, d, "dict")
+    _resolve_arch_file(cfg, None)
     return validate(cfg)
 
 

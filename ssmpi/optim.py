@@ -4,9 +4,13 @@ All optimizers update a unit's flat parameter vector ``theta`` (P,) in place fro
 gradient ``g`` (P,), so they are one fused pass over contiguous memory on NumPy or CuPy.
 
 - :class:`SGD`: momentum (heavy ball or Nesterov), L2 weight decay added to the gradient;
-- :class:`Adam`: with decoupled weight decay (AdamW) when ``weight_decay > 0``;
+- :class:`Adam`: with decoupled weight decay (AdamW) when ``weight_decay > 0``, and the
+  AMSGrad variant (``amsgrad=True``: the step is divided by the largest second-moment
+  estimate seen so far, so it shrinks when the gradients do; docs/FINDINGS.md, section 9);
 - :func:`clip_by_norm`: gradient-norm clipping over the whole unit;
-- :class:`Schedule`: ``constant``, ``step``, ``cosine``, each with an optional linear warm-up.
+- :class:`Schedule`: ``constant``, ``step``, ``cosine``, each with an optional linear warm-up;
+- :func:`unit_lr_scale`: per-unit learning-rate multipliers (``"stale"``: by the age of the
+  cotangent a unit's pseudo-gradient uses).
 """
 
 from __future__ import annotations
@@ -21,6 +25,25 @@ from . import backend
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam")
+UNIT_LR_RULES = ("same", "stale")
+
+
+def unit_lr_scale(rule: str, l: int, L: int) -> float:
+    """Learning-rate multiplier of unit U_l (1-based) of a pipeline of L units.
+
+    ``"same"``: 1. ``"stale"``: 1 / (1 + 2(L - l)). In Sideways / Skip-Sideways the
+    cotangent that reaches U_l is 2(L - l) steps old (the head's is fresh), so the
+    pseudo-gradients of the lower units are the least exact ones; this rule slows each unit
+    in proportion. Measured (docs/FINDINGS.md, section 10): with it a direction-of-motion
+    solution found by Skip-Sideways is kept at a constant base learning rate, where with
+    equal rates the first conv unit's updates pull it apart."""
+    if rule == "same":
+        return 1.0
+    if rule == "stale":
+        if not 1 <= l <= L:
+            raise ValueError(f"unit {l} outside 1..{L}")
+        return 1.0 / (1 + 2 * (L - l))
+    raise ValueError(f"unit lr rule {rule!r} is not one of {', '.join(UNIT_LR_RULES)}")
 
 
 @dataclass
@@ -128,13 +151,19 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
+    """Adam(W). With ``amsgrad`` (Reddi et al. 2018) the denominator uses the running
+    maximum of the second-moment estimate: a parameter's step is then proportional to its
+    gradient relative to the largest gradients it has had, and shrinks once they shrink."""
+
     def __init__(self, theta, schedule, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                 clip=0.0):
+                 clip=0.0, amsgrad: bool = False):
         super().__init__(schedule, weight_decay, clip)
         self.b1, self.b2, self.eps = float(beta1), float(beta2), float(eps)
+        self.amsgrad = bool(amsgrad)
         xp = backend.get_array_module(theta)
         self.m = xp.zeros_like(theta)
         self.v = xp.zeros_like(theta)
+        self.vmax = xp.zeros_like(theta) if self.amsgrad else None
 
     def _update(self, theta, g, lr):
         xp = backend.get_array_module(theta)
@@ -146,32 +175,45 @@ class Adam(Optimizer):
         a = lr * math.sqrt(1 - self.b2 ** k) / (1 - self.b1 ** k)
         if self.weight_decay:  # decoupled (AdamW)
             theta *= 1 - lr * self.weight_decay
-        theta -= a * self.m / (xp.sqrt(self.v) + self.eps)
+        v = self.v
+        if self.amsgrad:
+            xp.maximum(self.vmax, self.v, out=self.vmax)
+            v = self.vmax
+        theta -= a * self.m / (xp.sqrt(v) + self.eps)
 
     def state_dict(self):
-        return {"t": self.t, "m": self.m, "v": self.v}
+        d = {"t": self.t, "m": self.m, "v": self.v}
+        if self.amsgrad:
+            d["vmax"] = self.vmax
+        return d
 
     def load_state_dict(self, d):
         xp = backend.get_array_module(self.m)
         self.t = int(d["t"])
         self.m[...] = xp.asarray(d["m"])
         self.v[...] = xp.asarray(d["v"])
+        if self.amsgrad:
+            if "vmax" not in d:
+                raise ValueError("optimizer state has no 'vmax' (saved without amsgrad)")
+            self.vmax[...] = xp.asarray(d["vmax"])
 
 
 def make_optimizer(theta, name: str = "adam", lr: float = 1e-3, *, momentum: float = 0.9,
                    nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
                    weight_decay: float = 0.0, clip: float = 0.0, schedule: str = "constant",
                    warmup: int = 0, total: int = 0, min_lr: float = 0.0, milestones=(),
-                   gamma: float = 0.1) -> Optimizer:
+                   gamma: float = 0.1, amsgrad: bool = False) -> Optimizer:
     """An optimizer for one unit's flat parameters."""
     sched = Schedule(lr=lr, kind=schedule, warmup=warmup, total=total, min_lr=min_lr,
                      milestones=list(milestones), gamma=gamma)
     if name == "sgd":
+        if amsgrad:
+            raise ValueError("amsgrad is an Adam option (optimizer 'sgd' given)")
         return SGD(theta, sched, momentum=momentum, nesterov=nesterov,
                    weight_decay=weight_decay, clip=clip)
     if name == "adam":
         return Adam(theta, sched, beta1=betas[0], beta2=betas[1], eps=eps,
-                    weight_decay=weight_decay, clip=clip)
+                    weight_decay=weight_decay, clip=clip, amsgrad=amsgrad)
     raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 

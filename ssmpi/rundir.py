@@ -130,9 +130,12 @@ def _flat(d: dict) -> dict:
             for k, v in body.items()}
 
 
-def resume_conflicts(saved: dict, now: dict) -> List[str]:
-    """``key: saved -> now`` for every key fixed by a checkpoint whose value differs."""
-    a, b = _flat(saved), _flat(now)
+def resume_conflicts(saved: dict, now: dict, defaults: Optional[dict] = None) -> List[str]:
+    """``key: saved -> now`` for every key fixed by a checkpoint whose value differs.
+
+    A key missing from the saved config (written by an older version) counts as its value
+    in `defaults`, so run folders of an earlier release still resume."""
+    a, b = {**_flat(defaults or {}), **_flat(saved)}, _flat(now)
     out = []
     for key in sorted(set(a) | set(b)):
         fixed = any(key == k or (k.endswith(".*") and key.startswith(k[:-1]))
@@ -184,6 +187,27 @@ def truncate_metrics(path, iteration: int) -> int:
             tmp.unlink(missing_ok=True)
             raise OSError(e.errno, e.strerror, str(path)) from None
     return dropped
+
+
+def set_aside_earlier_run(run_dir) -> Optional[Path]:
+    """Move an earlier run's ``checkpoints/`` and ``metrics.jsonl`` out of the way of a fresh
+    run of the same name, into ``earlier/<time>/``; returns that folder, or None when there
+    was nothing. (Left in place, the earlier run's newer checkpoints would be what a later
+    ``--resume`` picks, and what pruning keeps instead of the fresh run's.)"""
+    run_dir = Path(run_dir)
+    found = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl")
+             if p.is_dir() and any(p.iterdir()) or p.is_file() and p.stat().st_size > 0]
+    if not found:
+        return None
+    dest = run_dir / "earlier" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for p in found:
+        os.replace(p, dest / p.name)  # same file system: a rename, nothing copied
+    return dest
 
 
 class MetricsLog:

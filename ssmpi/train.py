@@ -69,6 +69,15 @@ def _base_model(cfg, num_classes: int, frame_hw):
                            resolution=res)
     if m.name == "fullres":
         return models.fullres(units=m.units, width=max(1, int(m.width)), resolution=res)
+    if m.name == "custom":  # model.arch: the units as text; shapes checked at this frame size
+        from .config import ConfigError
+        from .nn.architecture import ArchitectureError
+
+        try:
+            return models.custom(m.arch, num_classes, resolution=res,
+                                 name=m.arch_name or "custom")
+        except ArchitectureError as e:
+            raise ConfigError(str(e)) from None
     raise ValueError(f"model {m.name!r}")
 
 
@@ -163,17 +172,25 @@ class Setup:
             o = cfg.optim
             total = cfg.run.iterations * (max(1, cfg.data.clip_len // e.update_every)
                                           if e.clip_mode == "stream" else 1)
+            okw = dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay, clip=o.clip, schedule=o.schedule,
+                       warmup=o.warmup, total=total, min_lr=o.min_lr,
+                       milestones=o.milestones, gamma=o.gamma)
             self.engine = Engine(
                 self.topo, self.placement, comm, batch=cfg.data.batch_size, seed=cfg.run.seed,
                 dtype=np.dtype(cfg.run.dtype), wait_mode=e.wait_mode, watchdog_s=e.watchdog_s,
                 cuda_aware=e.cuda_aware, allreduce=e.allreduce, nonfinite=e.nonfinite,
                 target=cfg.data.target,
                 frame_offset=cfg.data.frame_offset, update_every=e.update_every,
-                tracer=self.tracer,
-                optimizer=dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay, clip=o.clip, schedule=o.schedule,
-                               warmup=o.warmup, total=total, min_lr=o.min_lr,
-                               milestones=o.milestones, gamma=o.gamma))
+                tracer=self.tracer, optimizer=okw)
+            if o.unit_lr != "same":  # per-unit learning rates: one optimizer per local unit
+                from .optim import make_optimizer, unit_lr_scale
+
+                for l, u in self.engine.units.items():
+                    scale = unit_lr_scale(o.unit_lr, l, self.topo.L)
+                    self.engine.opt[l] = make_optimizer(
+                        u.theta, **dict(okw, lr=o.lr * scale,
+                                        min_lr=o.min_lr * scale))
 
     def loader(self, split: str, train: bool):
         from . import data
@@ -395,6 +412,7 @@ def _prepare_run(cfg, comm, setup: Setup, resume: bool, start_over: bool):
     0, checkpoint path or None)."""
     from . import checkpoint as ckpt
     from . import failure
+    from .config import Config
     from .rundir import RunDirError, RunLock, read_config, resume_conflicts
 
     run_dir = cfg.run_dir()
@@ -418,7 +436,7 @@ def _prepare_run(cfg, comm, setup: Setup, resume: bool, start_over: bool):
                                  "scratch")
                 saved = read_config(run_dir) if path is not None else None
                 if saved is not None:
-                    conflicts = resume_conflicts(saved, cfg.to_dict())
+                    conflicts = resume_conflicts(saved, cfg.to_dict(), Config().to_dict())
                     if conflicts:
                         raise RunDirError(f"cannot resume {run_dir} from {path.name}: it was "
                                           f"trained with other values of "
@@ -473,8 +491,9 @@ def train(cfg, comm, *, resume: bool = False, start_over: bool = False,
 
 def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
     from . import checkpoint as ckpt
+    from . import failure
     from .engine.losses import DivergenceError
-    from .rundir import MetricsLog, truncate_metrics, write_config
+    from .rundir import MetricsLog, set_aside_earlier_run, truncate_metrics, write_config
 
     eng, rank, run_dir, T = setup.engine, setup.rank, cfg.run_dir(), cfg.data.clip_len
     start = 0
@@ -485,6 +504,11 @@ def _train(cfg, comm, setup, loader, eval_loader, path, stopper) -> dict:
         start = int(man["iteration"])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if path is None:  # from scratch: an earlier run's checkpoints and curves go apart
+            moved = set_aside_earlier_run(run_dir)
+            if moved:
+                failure.warn(f"{run_dir} held an earlier run: its checkpoints and metrics "
+                             f"moved to {moved} (--resume continues a run instead)")
         write_config(run_dir, cfg.to_toml())
         sys.stdout.write(setup.summary() + "\n")
         dropped = truncate_metrics(run_dir / "metrics.jsonl", start)  # no stale lines

@@ -1,5 +1,6 @@
-"""Smoke tests of the study scripts (issue 8): they run end to end on tiny datasets, write
-their per-run JSON and report, and what they measure has the properties it must have."""
+"""Smoke tests of the study scripts (experiments/study_*.py, issues 8 and 16): they run end to
+end on tiny datasets, write their per-run JSON and report, resume a run stopped half-way to the
+same numbers, and what they measure has the properties it must have."""
 
 import json
 import os
@@ -14,7 +15,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
 
 def _run(script, *args, timeout=600):
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=ENV,
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], env=ENV,
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
@@ -52,3 +53,45 @@ def test_study_frames_quick(tmp_path):
     assert runs
     res = (tmp_path / "quick" / "results.md").read_text()
     assert "sideways" in res and "skip" in res and "bptt" in res
+
+
+@pytest.mark.timeout(900)
+def test_study_motion_architectures_and_resume(tmp_path):
+    """An architecture-file variant (4 directions, 32x32) with its BPTT twin and the remedy
+    variants run; a run stopped half-way continues to the same numbers as one that was not."""
+    _run("study_motion.py", "--quick", "--out", str(tmp_path / "a"), "--data",
+         str(tmp_path / "d"), "--only", "vgg8n-dir4-lr5e-4,keep-ema,keep-plateau,keep-stale")
+    runs = tmp_path / "a" / "quick" / "runs"
+    r = json.loads((runs / "vgg8n-dir4-lr5e-4__skip__s0.json").read_text())
+    assert r["cfg"]["arch"] == "vgg8n" and len(r["arch_units"]) == 8
+    assert len(r["align"][0]["cos"]) == 8 and r["probes"]
+    assert r["align"][0]["cos"]["8"] > 0.999  # the head's gradient is exact
+    pn, en, step = r["align"][0]["norms"]["8"]
+    assert abs(pn - en) <= 1e-5 * en and step > 0
+    assert (runs / "vgg8n-dir4-lr5e-4__bptt__s0.json").exists()
+    stale = json.loads((runs / "keep-stale__skip__s0.json").read_text())
+    assert stale["align"][0]["norms"]["1"][2] == 0  # the frozen stem does not move
+    # stopped after iteration 20 with its state saved, then continued: the same numbers
+    args = [sys.executable, str(ROOT / "experiments" / "study_motion.py"), "--quick", "--out",
+            str(tmp_path / "b"), "--data", str(tmp_path / "d"), "--only", "keep-ema,keep-plateau"]
+    p = subprocess.run(args + ["--stop-after", "20"], env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode != 0 and "--stop-after" in p.stderr, p.stderr[-2000:]
+    assert list((tmp_path / "b" / "quick" / "partial").glob("keep-ema__skip__s0.npz"))
+    _run("study_motion.py", *args[2:])
+    for v in ("keep-ema", "keep-plateau"):
+        a = json.loads((runs / f"{v}__skip__s0.json").read_text())
+        b = json.loads((tmp_path / "b" / "quick" / "runs" / f"{v}__skip__s0.json").read_text())
+        for k in ("curve", "loss", "align"):
+            assert a[k] == b[k], (v, k)
+    assert not list((tmp_path / "b" / "quick" / "partial").glob("keep-ema__skip__s0.npz"))
+    # a finished run asked for more iterations continues from its end: the same numbers as a
+    # run made that long from the start
+    _run("study_motion.py", *args[2:-1], "keep-plateau", "--iters", "60")
+    _run("study_motion.py", "--quick", "--out", str(tmp_path / "c"), "--data",
+         str(tmp_path / "d"), "--only", "keep-plateau", "--iters", "60")
+    a, b = (json.loads((tmp_path / x / "quick" / "runs" / "keep-plateau__skip__s0.json")
+                       .read_text()) for x in ("b", "c"))
+    assert [i for i, _ in a["curve"]] == [20, 40, 60]
+    for k in ("curve", "loss", "align"):
+        assert a[k] == b[k], k

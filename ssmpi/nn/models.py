@@ -10,11 +10,15 @@ own layers from the same config:
     ("conv", cout, k, stride)   conv k x k (same padding) + bias
     ("relu",)                   ReLU
     ("pool", k)                 k x k max-pool, stride k
+    ("avgpool", k)              k x k average pool, stride k
     ("gap",)                    global average pool (N, H, W, C) -> (N, C)
     ("linear", dout)            fully connected
     ("dropout", p)              inverted dropout
     ("s2d", b)                  space-to-depth with block b
     ("identity",)               y = x (the input unit, :func:`with_input_unit`)
+
+Models can also be written as text (units of layer strings, TOML): :mod:`ssmpi.nn.architecture`
+and :func:`custom`.
 
 VGG8 (the paper's HMDB51/UCF101 backbone, 8 modules -> 8 units) at 112x112:
     U1 conv64 pool | U2 conv128 pool | U3 conv256 | U4 conv256 pool | U5 conv512 |
@@ -27,9 +31,10 @@ from dataclasses import dataclass, field
 from typing import List, Tuple
 
 from . import layers as L
+from . import ops
 
-__all__ = ["ModelSpec", "make_layers", "vgg8", "vgg16", "tiny", "fullres", "get_model",
-           "with_input_unit", "MODELS"]
+__all__ = ["ModelSpec", "make_layers", "vgg8", "vgg16", "tiny", "fullres", "custom",
+           "get_model", "with_input_unit", "MODELS", "AvgPool2d"]
 
 LayerDesc = Tuple
 Module = List[LayerDesc]
@@ -46,6 +51,35 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
+class AvgPool2d(L.Layer):
+    """k x k average pooling, stride k (no parameters). (Kept here, beside the layer
+    descriptions, so that architectures can use it; its ops are ``ops.avgpool2d_*``.)"""
+
+    name = "avgpool"
+
+    def __init__(self, k: int = 2):
+        super().__init__()
+        self.k = int(k)
+
+    def _out_shape(self, in_shape):
+        if len(in_shape) != 3:
+            raise ValueError(f"avgpool: expects a (H, W, C) input, got per-sample shape "
+                             f"{in_shape}")
+        h, w, c = in_shape
+        if h < self.k or w < self.k:
+            raise ValueError(f"avgpool: kernel {self.k} larger than input {in_shape}")
+        return ((h - self.k) // self.k + 1, (w - self.k) // self.k + 1, c)
+
+    def forward(self, x, train=True):
+        return ops.avgpool2d_fwd(x, self.k, self.k)
+
+    def backward(self, res, dy, need_dx=True):
+        return ops.avgpool2d_bwd(res, dy), {}
+
+    def describe(self):
+        return f"avgpool{self.k}"
+
+
 def make_layers(module: Module, seed: int = 0) -> List[L.Layer]:
     """Fresh layer objects for one module description."""
     out = []
@@ -59,6 +93,8 @@ def make_layers(module: Module, seed: int = 0) -> List[L.Layer]:
             out.append(L.ReLU())
         elif kind == "pool":
             out.append(L.MaxPool2d(d[1] if len(d) > 1 else 2))
+        elif kind == "avgpool":
+            out.append(AvgPool2d(d[1] if len(d) > 1 else 2))
         elif kind == "gap":
             out.append(L.GlobalAvgPool())
         elif kind == "linear":
@@ -149,7 +185,17 @@ def with_input_unit(spec: ModelSpec) -> ModelSpec:
                      dict(spec.extra))
 
 
-MODELS = {"vgg8": vgg8, "vgg16": vgg16, "tiny": tiny, "fullres": fullres}
+def custom(arch, num_classes: int = 0, resolution: int = 32, channels: int = 3,
+           name: str = "custom") -> ModelSpec:
+    """A model from text: ``arch`` is a list of units, each a list of layer strings
+    (:mod:`ssmpi.nn.architecture`), checked at ``resolution`` x ``resolution`` x
+    ``channels``. Raises :class:`ssmpi.nn.architecture.ArchitectureError`."""
+    from .architecture import build_spec
+
+    return build_spec(arch, num_classes, (resolution, resolution, channels), name=name)
+
+
+MODELS = {"vgg8": vgg8, "vgg16": vgg16, "tiny": tiny, "fullres": fullres, "custom": custom}
 
 
 def get_model(name: str, **kwargs) -> ModelSpec:

@@ -150,6 +150,16 @@ def test_resume_conflicts_name_every_fixed_key():
     same = load_config(None, ["model.name=tiny", "model.units=4", "optim.lr=0.5",
                               "run.iterations=9"]).to_dict()
     assert resume_conflicts(saved, same) == []
+    # a run folder written before a key existed resumes while the key keeps its default,
+    # and is refused when the key is set to something else
+    from ssmpi.config import Config
+    older = {sec: {k: v for k, v in body.items() if not k.startswith("arch")}
+             if isinstance(body, dict) else body for sec, body in saved.items()}
+    assert resume_conflicts(older, same, Config().to_dict()) == []
+    custom = load_config(None, ["model.name=custom", "model.units=4",
+                                'model.arch=[["conv 8", "relu"], ["gap", "linear classes"]]'])
+    got = resume_conflicts(older, custom.to_dict(), Config().to_dict())
+    assert any(c.startswith("model.arch: []") for c in got), got
 
 
 # -- 7. --resume with every checkpoint damaged --------------------------------------------
@@ -176,6 +186,28 @@ def train_iterations(run):
     """The iteration of every training line of metrics.jsonl, in order."""
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [m["iteration"] for m in lines if "loss" in m and "iteration" in m]
+
+
+# -- 7b. a fresh run into the folder of a finished one ---------------------------------------
+@pytest.mark.timeout(150)
+def test_fresh_run_sets_the_earlier_run_aside(motion, finished, tmp_path):
+    """Without --resume, a run of an existing name starts from scratch; the earlier run's
+    checkpoints and metrics move to earlier/<time>/ (left in place, its newer checkpoint would
+    be what a later --resume picks and what pruning keeps)."""
+    run = tmp_path / "again"
+    shutil.copytree(finished, run)
+    old_metrics = (run / "metrics.jsonl").read_bytes()
+    p = run_train(2, base_args(motion, tmp_path, "again", "--set", "run.iterations=2",
+                               "--set", "run.checkpoint_every=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "held an earlier run" in p.stderr and "moved to" in p.stderr, p.stderr
+    (earlier,) = (run / "earlier").iterdir()
+    assert [c.name for c in ckpt.list_checkpoints(earlier)] == ["ckpt-00000004",
+                                                                "ckpt-00000002"]
+    assert (earlier / "metrics.jsonl").read_bytes() == old_metrics
+    assert [c.name for c in ckpt.list_checkpoints(run)] == ["ckpt-00000002"]
+    assert train_iterations(run) == [1, 2]
+    assert ckpt.latest_checkpoint(run)[0].name == "ckpt-00000002"
 
 
 # -- 8. metrics.jsonl after a resume: one line per iteration ------------------------------

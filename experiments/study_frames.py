@@ -29,11 +29,11 @@ training loss, gradient alignment) and is skipped when that file exists (resumab
 end: ``<out>/results.md`` (table) and ``<out>/curves.png`` / ``<out>/alignment.png`` when
 matplotlib imports.
 
-    python benchmarks/study_frames.py                     # the default grid (~35 min, 1 core)
-    python benchmarks/study_frames.py --quick             # a smoke test (~1 minute)
-    python benchmarks/study_frames.py --only base --seeds 0 --iters 200
-    python benchmarks/study_frames.py --report-only       # rebuild table and plots
-    python benchmarks/study_frames.py --align-probe 1,0.5,0.25,0   # pseudo/exact cosine
+    python experiments/study_frames.py                     # the default grid (~35 min, 1 core)
+    python experiments/study_frames.py --quick             # a smoke test (~1 minute)
+    python experiments/study_frames.py --only base --seeds 0 --iters 200
+    python experiments/study_frames.py --report-only       # rebuild table and plots
+    python experiments/study_frames.py --align-probe 1,0.5,0.25,0   # pseudo/exact cosine
 
 Gradient alignment (``--align-every N``, for the engine runs): every N iterations the engine
 runs the clip with ``update=False``; its per-unit pseudo-gradient (accumulated grad / valid
@@ -43,32 +43,25 @@ same model (same topology) at the same parameters on the same clip: cosine per u
 
 from __future__ import annotations
 
+import study_common as sc  # isort: skip  (first: one BLAS thread, the repo root on sys.path)
+
 import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+from mpi4py import MPI
 
-import numpy as np  # noqa: E402
+from ssmpi import data
+from ssmpi.engine.bptt import BPTT
+from ssmpi.engine.executor import Engine
+from ssmpi.engine.topology import Placement, Topology
+from ssmpi.nn import models
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (benchmarks/common.py: shared plotting)
-from mpi4py import MPI  # noqa: E402
-
-from ssmpi import data  # noqa: E402
-from ssmpi.engine.bptt import BPTT  # noqa: E402
-from ssmpi.engine.executor import Engine  # noqa: E402
-from ssmpi.engine.topology import Placement, Topology  # noqa: E402
-from ssmpi.nn import models  # noqa: E402
-
+ROOT = sc.ROOT
 DATA = Path(os.environ.get("SSMPI_STUDY_DATA", "/tmp/ssmpi_study_frames_data"))
 METHODS = ("sideways", "skip", "bptt", "bptt-sideways")
 REFS = ("copy-newest", "copy-direct", "mean-frame")
@@ -183,21 +176,16 @@ def references(root, cfg) -> dict:
     return {r: float(np.mean(v)) for r, v in out.items()}
 
 
-def cosine(a, b) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
-
-
 def alignment(eng: Engine, twin: BPTT, frames, T):
     """One training step of ``eng`` with, first, the cosine between its per-unit
     pseudo-gradient and the exact BPTT gradient of the same parameters on the same clip."""
     st = run(eng, T, frames, update=False)
-    pseudo = {l: np.asarray(u.grad / max(u.count, 1), np.float64) for l, u in eng.units.items()}
+    pseudo = sc.pseudo_gradients(eng)
     twin.load_parameters(eng.parameters())
     run(twin, T, frames, update=False)
     exact = twin.gradients()
     eng.update()
-    return st, {str(l): cosine(pseudo[l], exact[l]) for l in pseudo}
+    return st, {str(l): sc.cosine(pseudo[l], exact[l]) for l in pseudo}
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -243,8 +231,8 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
                final_l2=curve[-1][1], best_l2=min(v for _, v in curve),
                loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
                align=align, seconds=round(time.perf_counter() - t0, 1),
-               command=" ".join(["python", "benchmarks/study_frames.py"] + sys.argv[1:]))
-    write_json(path, res)
+               command=sc.command("study_frames.py"))
+    sc.write_json(path, res)
     return res
 
 
@@ -254,15 +242,8 @@ def refs_for(out: Path, variant: str, cfg: dict) -> dict:
         return json.loads(path.read_text())
     res = dict(key=f"{variant}__refs", variant=variant, method="refs", cfg=cfg,
                l2=references(dataset(cfg), cfg))
-    write_json(path, res)
+    sc.write_json(path, res)
     return res
-
-
-def write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
 
 
 # -- alignment probe ------------------------------------------------------------------------
@@ -300,20 +281,19 @@ def align_probe(out: Path, speeds, npre: int, nclips: int = 6, seed: int = 0) ->
                     for l, u in eng.units.items():
                         u.theta[...] = pre.units[l].theta
                     run(eng, cfg["T"], f, update=False)
-                    pseudo = {l: np.asarray(u.grad / max(u.count, 1), np.float64)
-                              for l, u in eng.units.items()}
+                    pseudo = sc.pseudo_gradients(eng)
                     for u in eng.units.values():
                         u.zero_grad()
                     twin.load_parameters(eng.parameters())
                     run(twin, cfg["T"], f, update=False)
                     exact = twin.gradients()
-                    cs.append([cosine(pseudo[l], exact[l]) for l in sorted(pseudo)])
+                    cs.append([sc.cosine(pseudo[l], exact[l]) for l in sorted(pseudo)])
                 row = dict(speed=speed, phase=ph, method=m,
                            cos=[float(c) for c in np.mean(cs, axis=0)])
                 print(f"  align probe speed {speed} {ph} {m}: "
                       + " / ".join(f"{c:.2f}" for c in row["cos"]), flush=True)
                 res["rows"].append(row)
-        write_json(path, res)
+        sc.write_json(path, res)
     return res
 
 
@@ -357,7 +337,7 @@ def report(out: Path):
         lines.append(f"- {v}: " + ", ".join(f"{k}={c[k]}" for k in sorted(c)))
     if (out / "align_probe.json").exists():
         ap = json.loads((out / "align_probe.json").read_text())
-        lines += ["", f"Alignment probe (--align-probe): cosine(pseudo-gradient, exact BPTT "
+        lines += ["", f"Alignment probe (--align-probe): sc.cosine(pseudo-gradient, exact BPTT "
                   f"gradient) per unit, mean over 6 training clips, at init and after "
                   f"{ap['npre']} iterations of exact BPTT training of the same model "
                   "(base model and clips, 256 training videos, seed 0, speed varied):", "",
@@ -400,7 +380,7 @@ def report(out: Path):
     axes[0][0].set_ylabel("test L2 (frame t+8)")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
-    common.plot_alignment([r for r in runs if r["align"]], out / "alignment.png")
+    sc.plot_alignment([r for r in runs if r["align"]], out / "alignment.png")
 
 
 def main(argv=None):

@@ -1,0 +1,89 @@
+"""What the study scripts (``experiments/study_*.py``) share: their start-up (one BLAS
+thread unless the caller chose, the repository root on ``sys.path``), atomic JSON writes,
+cosines, and the per-unit gradient-alignment plot.
+
+Import it first in a study script, before NumPy::
+
+    import study_common as sc  # isort: skip  (sets OMP_NUM_THREADS, sys.path)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# one BLAS thread per study process: the studies run beside other work on a few cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def command(script: str) -> str:
+    """The command line that ran this study (recorded in every run's JSON)."""
+    return " ".join(["python", f"experiments/{script}"] + sys.argv[1:])
+
+
+def write_json(path: Path, obj):
+    """Write ``obj`` as JSON atomically (a killed study never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def load_runs(folder: Path) -> list:
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+
+
+def cosine(a, b) -> float:
+    """cos(a, b) of two flat vectors (nan when one is zero)."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def nanmean(xs) -> float:
+    """Mean of the finite values (nan when there are none, e.g. a unit without parameters)."""
+    xs = [x for x in xs if x == x]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def pseudo_gradients(eng) -> dict:
+    """{unit: the engine's accumulated pseudo-gradient / valid steps} (what update applies)."""
+    return {l: np.asarray(u.grad / max(u.count, 1), np.float64) for l, u in eng.units.items()}
+
+
+def plot_alignment(runs, path):
+    """One panel per run: its per-unit cosine(pseudo-gradient, exact BPTT gradient) curves
+    (``run["align"]``: [{"it", "cos": {unit: cosine}}]), written to ``path`` (PNG)."""
+    if not runs:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ncol = min(4, len(runs))
+    nrow = -(-len(runs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, runs):
+        its = [a["it"] for a in r["align"]]
+        for u in sorted(r["align"][0]["cos"], key=int):
+            ax.plot(its, [a["cos"][u] for a in r["align"]], label=f"U{u}")
+        ax.set_title(r["key"], fontsize=8)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(-1, 1)
+        ax.axhline(0, color="gray", lw=0.5)
+    axes[0][0].set_ylabel("cos(pseudo-grad, BPTT grad)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)  # many panels: keep the PNG well under 1 MB
+    plt.close(fig)
