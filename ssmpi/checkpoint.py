@@ -260,12 +260,37 @@ def latest_checkpoint(run_dir) -> Tuple[Optional[Path], List[str]]:
     return None, skipped
 
 
+_VERDICTS: dict = {}  # folder -> (its files' size and mtime, intact?) as hashed last time
+
+
+def _intact(folder: Path) -> bool:
+    """`check` with memory: a checkpoint whose files are unchanged since this process last
+    hashed them is not read again (prune runs after every save; rereading every kept
+    checkpoint each time would stall rank 0 for seconds on a large model)."""
+    try:
+        stamp = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                             for f in folder.iterdir()))
+    except OSError:
+        return False
+    seen = _VERDICTS.get(str(folder))
+    if seen is not None and seen[0] == stamp:
+        return seen[1]
+    try:
+        check(folder)
+        ok = True
+    except CheckpointError:
+        ok = False
+    _VERDICTS[str(folder)] = (stamp, ok)
+    return ok
+
+
 def prune(run_dir, keep: int):
     """Delete all but the ``keep`` newest intact checkpoints (and older damaged ones)."""
     good = 0
     for p in list_checkpoints(run_dir):
         try:
-            check(p)
+            if not _intact(p):
+                raise CheckpointError(p.name)
             good += 1
             if good > keep:
                 shutil.rmtree(p, ignore_errors=True)

@@ -438,3 +438,37 @@ def test_dry_run_without_the_dataset(tmp_path):
     p.seconds = time.monotonic() - t0
     one_error(p, 2, "no dataset here", "data.crop and model.num_classes")
     assert not any(tmp_path.iterdir())
+
+
+def test_prune_hashes_each_checkpoint_once_and_still_sees_damage(tmp_path, monkeypatch):
+    """prune runs after every save: unchanged checkpoints are not read again, a file changed
+    since (damage) is hashed again and the checkpoint counts as damaged."""
+    def fake(it):
+        c = tmp_path / "checkpoints" / f"ckpt-{it:08d}"
+        c.mkdir(parents=True)
+        (c / "unit-01.h5").write_bytes(bytes([it]) * 1000)
+        (c / "manifest.json").write_text(json.dumps(dict(
+            format=ckpt.FORMAT, n_units=1, iteration=it, units={"1": dict(
+                file="unit-01.h5", sha256=hashlib.sha256(bytes([it]) * 1000).hexdigest())})))
+        return c
+
+    hashed = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p.parent.name) or real(p))
+    for it in (1, 2, 3):
+        fake(it)
+        ckpt.prune(tmp_path, keep=2)
+    assert [c.name for c in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000003",
+                                                                 "ckpt-00000002"]
+    assert sorted(hashed) == ["ckpt-00000001", "ckpt-00000002", "ckpt-00000003"]
+    # damage the newest: it is hashed again, fails, and goes (a newer intact one exists)
+    f = tmp_path / "checkpoints" / "ckpt-00000003" / "unit-01.h5"
+    f.write_bytes(b"\0" * 1000)
+    os.utime(f, ns=(time.time_ns() + 10**9,) * 2)
+    hashed.clear()
+    fake(4)
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(hashed) == ["ckpt-00000003", "ckpt-00000004"]
+    assert [c.name for c in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000004",
+                                                                 "ckpt-00000002"]
+    assert ckpt.latest_checkpoint(tmp_path)[0].name == "ckpt-00000004"
