@@ -410,6 +410,7 @@ def main(argv=None):
     if a.quick:
         out = out / "quick"
         a.iters, a.eval_every, a.align_every, a.seeds = 20, 10, 10, "0"
+        a.only = a.only or "base"  # one dataset to generate, not three
     if a.align_probe:
         align_probe(out, [float(v) for v in a.align_probe.split(",") if v], a.probe_pretrain)
     elif not a.report_only:
