@@ -41,6 +41,26 @@ def load_runs(folder: Path) -> list:
     return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
 
 
+def grouped(runs, variants, methods) -> list:
+    """[((variant, method), its runs by seed)] in the order the study lists its variants."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["variant"], r["method"]), []).append(r)
+    order = {v[0]: i for i, v in enumerate(variants)}
+    return [(key, sorted(rs, key=lambda r: r["seed"])) for key, rs in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), methods.index(kv[0][1])))]
+
+
+def mean_cosines(runs, key: str = "cos") -> str:
+    """``c1 / c2 / ...``: the mean per-unit pseudo/exact cosine over the last half of each
+    run's alignment records (``-`` when there are none)."""
+    al = [a for r in runs for a in r["align"][len(r["align"]) // 2:] if a.get(key)]
+    if not al:
+        return "-"
+    return " / ".join(f"{nanmean([a[key][u] for a in al]):.2f}"
+                      for u in sorted(al[0][key], key=int))
+
+
 def cosine(a, b) -> float:
     """cos(a, b) of two flat vectors (nan when one is zero)."""
     na, nb = np.linalg.norm(a), np.linalg.norm(b)

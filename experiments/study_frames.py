@@ -304,23 +304,14 @@ def report(out: Path):
     refs = {r["variant"]: r for r in allr if r["method"] == "refs"}
     if not runs:
         return
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["variant"], r["method"]), []).append(r)
     order = {v[0]: i for i, v in enumerate(VARIANTS)}
     lines = ["| variant | method | seeds | final test L2 (mean / each seed) | best eval L2 "
              "(mean) | [0,1] units (final mean) | mean pseudo/exact cosine U1..UL "
              "(last half) | s/run |",
              "|---|---|---|---|---|---|---|---|"]
-    for (v, m), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99),
-                                                            METHODS.index(kv[0][1]))):
-        rs = sorted(rs, key=lambda r: r["seed"])
+    for (v, m), rs in sc.grouped(runs, VARIANTS, METHODS):
         l2 = [r["final_l2"] for r in rs]
-        cos = "-"
-        al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
-        if al:
-            units = sorted(al[0]["cos"], key=int)
-            cos = " / ".join(f"{np.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
+        cos = sc.mean_cosines(rs)
         lines.append(f"| {v} | {m} | {', '.join(str(r['seed']) for r in rs)} | "
                      f"{np.mean(l2):.4f} / {', '.join(f'{a:.4f}' for a in l2)} | "
                      f"{np.mean([r['best_l2'] for r in rs]):.4f} | {np.mean(l2) / 16:.5f} | "

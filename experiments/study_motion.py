@@ -848,37 +848,25 @@ def report(out: Path):
     runs = sc.load_runs(out / "runs")
     if not runs:
         return
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["variant"], r["method"]), []).append(r)
     order = {v[0]: i for i, v in enumerate(VARIANTS)}
     lines = ["| variant | method | seeds | final acc (mean / each) | first eval >= 0.9 "
              "(iterations, each) | best / kept after 0.9 (each) | mean pseudo/exact cosine "
              "U1..UL (last half) | same, label-dependent part | s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (v, m), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99),
-                                                            METHODS.index(kv[0][1]))):
-        rs = sorted(rs, key=lambda r: r["seed"])
+    groups = sc.grouped(runs, VARIANTS, METHODS)
+    for (v, m), rs in groups:
         accs = [r["final_acc"] for r in rs]
         kept = ", ".join(f"{r['best_acc']:.2f} / " + (f"{r['min_after_90']:.2f}"
                                                        if r.get("min_after_90") is not None
                                                        else "-") for r in rs)
-        cos = dcos = "-"
-        al = [a for r in rs for a in r["align"][len(r["align"]) // 2:]]
-        if al:
-            units = sorted(al[0]["cos"], key=int)
-            cos = " / ".join(f"{sc.nanmean([a['cos'][u] for a in al]):.2f}" for u in units)
-            dl = [a for a in al if a.get("dcos")]
-            if dl:
-                dcos = " / ".join(f"{sc.nanmean([a['dcos'][u] for a in dl]):.2f}"
-                                  for u in units)
+        cos, dcos = sc.mean_cosines(rs), sc.mean_cosines(rs, "dcos")
         stop = [str(r["stopped_early"]) for r in rs if r.get("stopped_early")]
         lines.append(f"| {v} | {m} | {len(rs)} | {np.mean(accs):.3f} / "
                      f"{', '.join(f'{a:.3f}' for a in accs)} | {_fmt_first(rs)}"
                      + (f" (stopped at {', '.join(stop)})" if stop else "")
                      + f" | {kept} | {cos} | {dcos} | "
                      f"{np.mean([r['seconds'] for r in rs]):.0f} |")
-    lines += _arch_table(groups) + _drift_table(runs) + _probe_table(runs)
+    lines += _arch_table(dict(groups)) + _drift_table(runs) + _probe_table(runs)
     cfgs = {r["variant"]: r["cfg"] for r in runs}
     lines += ["", "Settings per variant (task still = speed 0 vs speed v; direction = left vs "
               "right; dir4 = right, left, down, up):", ""]
