@@ -31,7 +31,7 @@ phase() {  # phase NAME TIMEOUT CMD...
   fi
 }
 
-phase "serial tests" "${SERIAL_TIMEOUT}" python -m pytest -q -p no:cacheprovider tests "$@"
+phase "serial tests" "${SERIAL_TIMEOUT}" python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
 for n in 2 4; do
   phase "MPI tests, ${n} ranks" "${MPI_TIMEOUT}" \
     mpiexec -n "${n}" python -m mpi4py -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
