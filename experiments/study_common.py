@@ -41,6 +41,23 @@ def load_runs(folder: Path) -> list:
     return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
 
 
+def study_args(p, name: str, eval_every: int):
+    """The options both studies share (`name`: the study's folder under experiments/)."""
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / name)
+    p.add_argument("--data", type=Path, default=None,
+                   help="where the generated datasets go (default: $SSMPI_STUDY_DATA or "
+                   f"/tmp/ssmpi_{name}_data)")
+    p.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    p.add_argument("--methods", default="", help="comma-separated methods (default: per variant)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--iters", type=int, default=0, help="override iterations")
+    p.add_argument("--eval-every", type=int, default=eval_every)
+    p.add_argument("--align-every", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run into <out>/quick")
+    p.add_argument("--report-only", action="store_true")
+    return p
+
+
 def grouped(runs, variants, methods) -> list:
     """[((variant, method), its runs by seed)] in the order the study lists its variants."""
     groups = {}

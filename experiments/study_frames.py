@@ -376,20 +376,9 @@ def report(out: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "study_frames")
-    p.add_argument("--data", type=Path, default=None,
-                   help="where the generated datasets go (default: $SSMPI_STUDY_DATA or "
-                   "/tmp/ssmpi_study_frames_data)")
-    p.add_argument("--only", default="", help="comma-separated variants (default: all)")
-    p.add_argument("--methods", default="", help="comma-separated methods (default: per variant)")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--iters", type=int, default=0, help="override iterations")
+    sc.study_args(p, "study_frames", 100)
     p.add_argument("--lr", type=float, default=0.0, help="override the learning rate")
     p.add_argument("--batch", type=int, default=0, help="override the batch size")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--align-every", type=int, default=50)
-    p.add_argument("--quick", action="store_true", help="tiny smoke run into <out>/quick")
-    p.add_argument("--report-only", action="store_true")
     p.add_argument("--align-probe", default="",
                    help="comma-separated speeds: run only the alignment probe (e.g. 1,0.5,0.25,0)")
     p.add_argument("--probe-pretrain", type=int, default=100,

@@ -893,18 +893,7 @@ def report(out: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "study_motion")
-    p.add_argument("--data", type=Path, default=None,
-                   help="where the generated datasets go (default: $SSMPI_STUDY_DATA or "
-                   "/tmp/ssmpi_study_motion_data)")
-    p.add_argument("--only", default="", help="comma-separated variants (default: all)")
-    p.add_argument("--methods", default="", help="comma-separated methods (default: per variant)")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--iters", type=int, default=0, help="override iterations")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--align-every", type=int, default=50)
-    p.add_argument("--quick", action="store_true", help="tiny smoke run into <out>/quick")
-    p.add_argument("--report-only", action="store_true")
+    sc.study_args(p, "study_motion", 200)
     p.add_argument("--stop-after", type=int, default=0,
                    help="stop a run at its first evaluation at or after this iteration, with "
                    "its state saved (for testing the resumption)")
