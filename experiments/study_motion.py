@@ -527,13 +527,14 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
     final = out / "partial" / f"{key}__final"  # the state at the end of a finished run
     if path.exists():
         done = json.loads(path.read_text())
-        if not _extends(done, cfg) or not _f(final, "npz").exists():
+        if not _extends(done, cfg) or not (_f(final, "npz").exists()
+                                           or _f(part, "npz").exists()):
             return done
-        # the same run with more iterations: continue from where it ended
-        _f(final, "npz").replace(_f(part, "npz"))
-        st = json.loads(_f(final, "json").read_text())
-        sc.write_json(_f(part, "json"), dict(st, cfg=cfg))
-        _f(final, "json").unlink()
+        if _f(final, "npz").exists():  # the same run with more iterations: continue from
+            _f(final, "npz").replace(_f(part, "npz"))  # where it ended (or, below, from
+            st = json.loads(_f(final, "json").read_text())  # where that extension stopped)
+            sc.write_json(_f(part, "json"), dict(st, cfg=cfg))
+            _f(final, "json").unlink()
     eval_every = cfg.get("eval_every", eval_every)
     root = dataset(out, cfg)
     ds = data.open_dataset(root, "train")
