@@ -9,19 +9,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from engine_helpers import cupy_or_none  # noqa: E402
+
 from ssmpi import backend  # noqa: E402
 
-
-def _cupy_or_none():
-    try:
-        return backend.select("gpu")
-    except backend.BackendError:
-        return None
-    finally:
-        backend.select("cpu")
-
-
-_CUPY = _cupy_or_none()
+_CUPY = cupy_or_none()
 XP_PARAMS = [pytest.param(np, id="numpy"), pytest.param("double", id="double")]
 XP_PARAMS.append(
     pytest.param(_CUPY, id="cupy", marks=pytest.mark.gpu)

@@ -79,3 +79,46 @@ def static_backprop(topo: Topology, units: dict, x, labels):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def gpipe_parameters(world, select, devices) -> dict:
+    """GPipe (4 units, Sideways, on up to 4 ranks of ``world``) trained for 2 iterations on
+    each of ``devices`` in turn; ``select(device)`` makes a device current and returns its
+    array module. Returns {device: {unit: parameters}} on the pipeline's rank 0, {} elsewhere
+    (the GPipe-on-a-device tests compare the devices' entries)."""
+    from mpi4py import MPI
+
+    from ssmpi import backend
+    from ssmpi.baselines.gpipe import GPipe
+
+    n = min(world.size, 4)
+    sub = world.Split(0 if world.rank < n else MPI.UNDEFINED, world.rank)
+    res = {}
+    if sub != MPI.COMM_NULL:
+        for dev in devices:
+            xp = select(dev)
+            topo = Topology(small_spec(4), mode="sideways")
+            pl = Placement(topo.L, n)
+            gp = GPipe(topo, pl, sub, batch=2, seed=3, optimizer=dict(name="adam", lr=1e-2),
+                       xp=xp)
+            first, last = pl.rank_of(1) == sub.rank, pl.rank_of(topo.L) == sub.rank
+            for it in range(2):
+                rng = np.random.default_rng(it)
+                fr = rng.standard_normal((2, 6, 8, 8, 3)).astype(np.float32)
+                gp.run_clip(6, fr if first else None, rng.integers(0, 3, 2) if last else None)
+            res[dev] = gp.gather_parameters()
+            backend.select("cpu")
+        sub.Free()
+    return res if world.rank == 0 else {}
+
+
+def cupy_or_none():
+    """CuPy where it sees a GPU, else None (the GPU tests skip on None); NumPy stays current."""
+    from ssmpi import backend
+
+    try:
+        return backend.select("gpu")
+    except backend.BackendError:
+        return None
+    finally:
+        backend.select("cpu")

@@ -9,14 +9,12 @@ before an assert (the verdict is broadcast).
 
 import numpy as np
 import pytest
-from engine_helpers import make_engine, small_spec
+from engine_helpers import gpipe_parameters, make_engine
 from mpi4py import MPI
 
 from ssmpi import backend
 from ssmpi import backend_double as dd
-from ssmpi.baselines.gpipe import GPipe
 from ssmpi.engine.reducer import GradientReducer
-from ssmpi.engine.topology import Placement, Topology
 from ssmpi.engine.transport import Comm
 
 WORLD = MPI.COMM_WORLD
@@ -104,24 +102,7 @@ def test_replicas_on_double_equal_serial_numpy(stream):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(300)
 def test_gpipe_on_double_equals_numpy():
-    n = min(WORLD.size, 4)
-    sub = WORLD.Split(0 if WORLD.rank < n else MPI.UNDEFINED, WORLD.rank)
-    res = {}
-    if sub != MPI.COMM_NULL:
-        for dev in ("cpu", "double"):
-            xp = backend.select(dev)
-            topo = Topology(small_spec(4), mode="sideways")
-            pl = Placement(topo.L, n)
-            gp = GPipe(topo, pl, sub, batch=2, seed=3, optimizer=dict(name="adam", lr=1e-2),
-                       xp=xp)
-            first, last = pl.rank_of(1) == sub.rank, pl.rank_of(topo.L) == sub.rank
-            for it in range(2):
-                rng = np.random.default_rng(it)
-                fr = rng.standard_normal((2, 6, 8, 8, 3)).astype(np.float32)
-                gp.run_clip(6, fr if first else None, rng.integers(0, 3, 2) if last else None)
-            res[dev] = gp.gather_parameters()
-            backend.select("cpu")
-        sub.Free()
+    res = gpipe_parameters(WORLD, backend.select, ("cpu", "double"))
     ok = True
     if WORLD.rank == 0:
         ok = all(np.array_equal(res["cpu"][l], res["double"][l]) for l in res["cpu"])

@@ -6,22 +6,13 @@ the MPI ones, ``tests/test_gpu_mpi.py``, under mpiexec -n 2, 4 and 8 on one GPU)
 
 import numpy as np
 import pytest
+from engine_helpers import cupy_or_none
 
 from ssmpi import backend
 from ssmpi.nn import layers, ops
 from ssmpi.trace import Tracer
 
-
-def _gpu():
-    try:
-        return backend.select("gpu")
-    except backend.BackendError:
-        return None
-    finally:
-        backend.select("cpu")
-
-
-CP = _gpu()
+CP = cupy_or_none()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(CP is None, reason="no CuPy/GPU here")]
 
 

@@ -15,28 +15,18 @@ import os
 
 import numpy as np
 import pytest
-from engine_helpers import make_engine, small_spec
+from engine_helpers import cupy_or_none, gpipe_parameters, make_engine
 from mpi4py import MPI
 
 from ssmpi import backend
-from ssmpi.baselines.gpipe import GPipe
 from ssmpi.engine.reducer import GradientReducer
-from ssmpi.engine.topology import Placement, Topology
+from ssmpi.engine.topology import Placement
 from ssmpi.engine.transport import Comm
 
 WORLD = MPI.COMM_WORLD
 
 
-def _gpu():
-    try:
-        return backend.select("gpu")
-    except backend.BackendError:
-        return None
-    finally:
-        backend.select("cpu")
-
-
-CP = _gpu()
+CP = cupy_or_none()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(CP is None, reason="no CuPy/GPU here")]
 CUDA_AWARE = os.environ.get("SSMPI_CUDA_AWARE", "") == "1"
 
@@ -174,24 +164,7 @@ def test_gpu_replicas_nccl():
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(600)
 def test_gpu_gpipe_staged():
-    n = min(WORLD.size, 4)
-    sub = WORLD.Split(0 if WORLD.rank < n else MPI.UNDEFINED, WORLD.rank)
-    res = {}
-    if sub != MPI.COMM_NULL:
-        for dev in ("cpu", "gpu"):
-            xp = _use(dev)
-            topo = Topology(small_spec(4), mode="sideways")
-            pl = Placement(topo.L, n)
-            gp = GPipe(topo, pl, sub, batch=2, seed=3, optimizer=dict(name="adam", lr=1e-2),
-                       xp=xp)
-            first, last = pl.rank_of(1) == sub.rank, pl.rank_of(topo.L) == sub.rank
-            for it in range(2):
-                rng = np.random.default_rng(it)
-                fr = rng.standard_normal((2, 6, 8, 8, 3)).astype(np.float32)
-                gp.run_clip(6, fr if first else None, rng.integers(0, 3, 2) if last else None)
-            res[dev] = gp.gather_parameters()
-            backend.select("cpu")
-        sub.Free()
+    res = gpipe_parameters(WORLD, _use, ("cpu", "gpu"))
     ok = True
     if WORLD.rank == 0:
         ok = all(_rel(res["gpu"][l], res["cpu"][l]) < 1e-4 for l in res["cpu"])
