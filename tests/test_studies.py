@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +96,31 @@ def test_study_motion_architectures_and_resume(tmp_path):
     assert [i for i, _ in a["curve"]] == [20, 40, 60]
     for k in ("curve", "loss", "align"):
         assert a[k] == b[k], k
+
+
+def test_fresh_clips_are_new_every_iteration_and_resume_the_same_sequence():
+    """``cfg["fresh"]``: each training batch is drawn anew (the probe of ALGORITHM.md), from
+    the batch number alone, so a resumed run sees the batches an unbroken one would."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import study_motion as sm
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    cfg = dict(sm.ARCH, arch="probe", lr=5e-4, fresh=True, batch=4, T=6)
+    g = sm.train_batches(None, cfg, seed=3)
+    first = [next(g) for _ in range(3)]
+    g.close()
+    b = first[0]
+    assert b.frames.shape == (4, 6, 32, 32, 3) and b.frames.dtype == np.float32
+    assert b.labels.dtype == np.int64 and set(b.labels) <= {0, 1, 2, 3}
+    assert not np.array_equal(first[0].frames, first[1].frames)
+    again = sm.train_batches(None, cfg, seed=3, start=2)  # resumed at batch 2
+    c = next(again)
+    again.close()
+    assert c.index == 2 and np.array_equal(c.frames, first[2].frames)
+    assert np.array_equal(c.labels, first[2].labels)
+    # the ClipLoader's normalisation: (x / 255 - 0.5) / 0.25 on uint8 pixels
+    assert np.allclose(np.rint(((b.frames * 0.25) + 0.5) * 255), (b.frames * 0.25 + 0.5) * 255,
+                       atol=1e-3)
+    other = next(sm.train_batches(None, cfg, seed=4))
+    assert not np.array_equal(other.frames, b.frames)
