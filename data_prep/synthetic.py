@@ -24,6 +24,7 @@ the data do not depend on the number of shards.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -278,13 +279,30 @@ def main(argv=None):
     else:
         params["glyphs"] = args.glyphs
         params["speed"] = args.speed
-    path = generate(
-        args.kind, args.out, splits={"train": args.videos, "test": args.test_videos},
-        params=params, shards=args.shards, workers=args.workers, compression=args.compression,
-        gzip_level=args.gzip_level, quiet=args.quiet,
-    )
-    print(f"wrote {path}")
-    return 0
+    stop = sh.StopOnSignals()  # SIGINT/SIGTERM: unfinished shards deleted, complete ones kept
+    try:
+        try:
+            stop.install()
+            path = generate(
+                args.kind, args.out, splits={"train": args.videos, "test": args.test_videos},
+                params=params, shards=args.shards, workers=args.workers,
+                compression=args.compression, gzip_level=args.gzip_level, quiet=args.quiet,
+            )
+        except KeyboardInterrupt:  # Interrupted, or SIGINT's default handler
+            signum = stop.signum or signal.SIGINT
+        else:
+            print(f"wrote {path}")
+            return 0
+        finally:
+            stop.armed = False  # from here on signals are ignored: the clean-up completes
+        done = len(list(Path(args.out).glob("*.h5"))) if Path(args.out).is_dir() else 0
+        print(f"interrupted by {signal.Signals(signum).name}: unfinished shards deleted, {done} "
+              f"complete shards kept in {args.out}; run the same command again to resume",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        sh.stop_helper_processes()
+        stop.restore()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """data_prep.synthetic: determinism, format, and the single-frame property of `motion`."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -224,6 +226,30 @@ def test_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "motion", str(tmp_path),
                         "--classes", "3", "--speeds", "1,2"], capture_output=True, text=True)
     assert r.returncode == 2 and "multiple" in r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_signal_keeps_complete_shards_and_the_same_command_resumes(tmp_path):
+    """SIGTERM (a batch system's stop) or SIGINT while writing: one line, exit 128 + signal,
+    no unfinished ``.partial`` shard left behind, complete shards kept; the same command
+    then finishes the dataset."""
+    sig = signal.SIGTERM
+    cmd = [sys.executable, "-m", "data_prep.synthetic", "motion", str(tmp_path), "--videos",
+           "2000", "--test-videos", "8", "--shards", "6", "--size", "32", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not list(tmp_path.glob("*.partial")) and time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted by {sig.name}"), err
+    assert not list(tmp_path.glob("*.partial"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert open_dataset(tmp_path, "train").num_videos == 2000
 
 
 def test_every_shard_and_replica_holds_every_class(tmp_path):
