@@ -773,7 +773,9 @@ def _arch_table(groups) -> list:
     """Skip-Sideways against its BPTT twin, per architecture, task and lr."""
     lines = ["", "Architecture study (no input unit; 32x32, 16-frame clips, batch 16, Adam): "
              "Skip-Sideways and its exact-BPTT twin. 'kept' = lowest eval from the first "
-             ">= 0.9 on; a BPTT twin stops after holding >= 0.95 for 3 evaluations.", "",
+             ">= 0.9 on; a BPTT twin stops after holding >= 0.95 for 3 evaluations; "
+             "'-fresh-' variants draw new training clips every iteration, the others read a "
+             "fixed set of 4096 videos.", "",
              "| variant | seeds | skip: first eval >= 0.9 | skip: final / best / kept | "
              "BPTT: first eval >= 0.9 | skip / BPTT iterations |", "|---|---|---|---|---|---|"]
     for (v, m), rs in sorted(groups.items()):
