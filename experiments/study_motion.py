@@ -147,6 +147,10 @@ for _lr in (5e-4, 1e-3):
     for _a in ARCHS:
         ARCH_STUDY.append((f"{_a}-dir4-fresh-lr{_lr_name(_lr)}",
                            dict(ARCH, arch=_a, lr=_lr, fresh=True), ("skip", "bptt")))
+# the staleness rule (optim.unit_lr = stale) on the deep model, whose bottom units get the
+# stalest pseudo-gradients (vgg8n: U1's cotangent is 14 steps old)
+ARCH_STUDY.append(("vgg8n-dir4-fresh-stale-lr5e-4",
+                   dict(ARCH, arch="vgg8n", lr=5e-4, fresh=True, unit_lr="stale"), ("skip",)))
 # the control: Sideways must stay at chance (its forward sees one frame)
 ARCH_STUDY += [(f"{a}-dir4-sideways", dict(ARCH, arch=a, lr=5e-4, iters=1000), ("sideways",))
                for a in ARCHS]
