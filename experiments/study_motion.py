@@ -151,6 +151,11 @@ for _lr in (5e-4, 1e-3):
 # stalest pseudo-gradients (vgg8n: U1's cotangent is 14 steps old)
 ARCH_STUDY.append(("vgg8n-dir4-fresh-stale-lr5e-4",
                    dict(ARCH, arch="vgg8n", lr=5e-4, fresh=True, unit_lr="stale"), ("skip",)))
+# ... and its bottom units frozen (U1-U3, where the pseudo-gradients are furthest from the
+# exact ones): can the units where frames meet learn direction on their own?
+ARCH_STUDY.append(("vgg8n-dir4-fresh-freeze3-lr5e-4",
+                   dict(ARCH, arch="vgg8n", lr=5e-4, fresh=True, unit_lr=[0, 0, 0, 1, 1, 1, 1, 1]),
+                   ("skip", "bptt")))
 # the control: Sideways must stay at chance (its forward sees one frame)
 ARCH_STUDY += [(f"{a}-dir4-sideways", dict(ARCH, arch=a, lr=5e-4, iters=1000), ("sideways",))
                for a in ARCHS]
@@ -470,6 +475,62 @@ def probe(eng: Engine, twin: BPTT, batches, T) -> dict:
                      "snr_pseudo": float(np.linalg.norm(sp[l])) / max(np_[l], 1e-30),
                      "snr_exact": float(np.linalg.norm(se[l])) / max(ne[l], 1e-30)}
             for l in sp if np.size(sp[l]) > 1}
+
+
+def motion_part(eng: Engine, twin: BPTT, batches, T) -> dict:
+    """The direction-dependent part of the gradients at the current parameters (no update):
+    per unit, the cosine between sum_i [g(y_i) - g(y_i xor 1)] of the pseudo-gradients and of
+    the exact BPTT gradients over ``batches`` (``mcos``). ``y xor 1`` is the opposite
+    direction (right <-> left, down <-> up; still <-> moving with 2 classes); every class has
+    the same single-frame statistics, so this difference is what the gradient says about
+    *motion*, the part that must be right for direction to be learned. Also the ratio of its
+    norms, pseudo : exact (``mnorm``)."""
+    sp, se = {}, {}
+    for f, y in batches:
+        for sign, lab in ((1.0, y), (-1.0, np.asarray(y) ^ 1)):
+            for u in eng.units.values():
+                u.zero_grad()
+            eng.run_clip(T, f, lab, update=False)
+            gp = sc.pseudo_gradients(eng)
+            twin.run_clip(T, f, lab, update=False)
+            ge = twin.gradients()
+            for l in gp:
+                sp[l] = sp.get(l, 0.0) + sign * gp[l]
+                se[l] = se.get(l, 0.0) + sign * ge[l]
+    for u in eng.units.values():
+        u.zero_grad()
+    return {str(l): {"mcos": sc.cosine(sp[l], se[l]),
+                     "mnorm": float(np.linalg.norm(sp[l]) / max(np.linalg.norm(se[l]), 1e-30))}
+            for l in sp if np.size(sp[l]) > 1}
+
+
+def analyse(out: Path, key: str, n_batches: int = 16) -> dict:
+    """:func:`motion_part` of a finished Skip-Sideways run (``--analyse VARIANT__skip__sS``)
+    at its initial weights and at its final ones (``partial/<key>__final.npz``), on
+    ``n_batches`` training batches that no run trained on."""
+    r = json.loads((out / "runs" / f"{key}.json").read_text())
+    cfg, seed = r["cfg"], r["seed"]
+    ds = data.open_dataset(dataset(out, cfg), "train")
+    ncls = ds.num_classes
+    model = build("skip", dict(cfg, unit_lr=None, amsgrad=False), seed, ncls)
+    twin = BPTT(model.topo, seed=seed)
+    pb = []
+    _loop(ds, dict(cfg), seed + 2000, n_batches,
+          lambda b: pb.append((b.frames.copy(), b.labels.copy())))
+    res = {"key": key}
+    for when in ("initial", "final"):
+        if when == "final":
+            st = dict(np.load(_f(out / "partial" / f"{key}__final", "npz")))
+            load_model_state(model, {k: v for k, v in st.items() if not k.startswith("ema__")})
+        twin.load_parameters(model.parameters())
+        res[when] = motion_part(model, twin, pb, cfg["T"])
+        print(f"  {key} {when}: mcos " + " / ".join(
+            f"U{u} {v['mcos']:.2f}" for u, v in sorted(res[when].items(), key=lambda x: int(x[0])))
+            + "; norm pseudo:exact " + " / ".join(
+            f"{v['mnorm']:.2f}" for _, v in sorted(res[when].items(), key=lambda x: int(x[0]))),
+            flush=True)
+    sc.write_json(out / "analysis" / f"{key}.json", res)
+    return res
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -938,11 +999,19 @@ def main(argv=None):
     p.add_argument("--stop-after", type=int, default=0,
                    help="stop a run at its first evaluation at or after this iteration, with "
                    "its state saved (for testing the resumption)")
+    p.add_argument("--analyse", default="", metavar="KEYS",
+                   help="comma-separated finished skip runs (VARIANT__skip__sS): the "
+                   "direction-dependent part of their gradients, pseudo vs exact, at the initial "
+                   "and the final weights (see motion_part), into <out>/analysis/")
     a = p.parse_args(argv)
     global DATA, STOP_AFTER
     DATA = a.data or DATA
     STOP_AFTER = a.stop_after
     out = a.out
+    if a.analyse:
+        for key in a.analyse.split(","):
+            analyse(out, key)
+        return
     if a.quick:
         out = out / "quick"
         a.iters, a.eval_every, a.align_every, a.seeds = a.iters or 40, 20, 10, "0"
