@@ -1003,6 +1003,8 @@ def main(argv=None):
                    help="comma-separated finished skip runs (VARIANT__skip__sS): the "
                    "direction-dependent part of their gradients, pseudo vs exact, at the initial "
                    "and the final weights (see motion_part), into <out>/analysis/")
+    p.add_argument("--analyse-batches", type=int, default=16,
+                   help="training batches for --analyse (default 16)")
     a = p.parse_args(argv)
     global DATA, STOP_AFTER
     DATA = a.data or DATA
@@ -1010,7 +1012,7 @@ def main(argv=None):
     out = a.out
     if a.analyse:
         for key in a.analyse.split(","):
-            analyse(out, key)
+            analyse(out / "quick" if a.quick else out, key, a.analyse_batches)
         return
     if a.quick:
         out = out / "quick"

@@ -70,6 +70,16 @@ def test_study_motion_architectures_and_resume(tmp_path):
     pn, en, step = r["align"][0]["norms"]["8"]
     assert abs(pn - en) <= 1e-5 * en and step > 0
     assert (runs / "vgg8n-dir4-lr5e-4__bptt__s0.json").exists()
+    # the direction-dependent part of the gradients at the first and the last weights: the
+    # head's pseudo-gradient is exact, so its part is too
+    _run("study_motion.py", "--quick", "--out", str(tmp_path / "a"), "--data",
+         str(tmp_path / "d"), "--analyse", "vgg8n-dir4-lr5e-4__skip__s0", "--analyse-batches", "1")
+    an = json.loads((tmp_path / "a" / "quick" / "analysis" / "vgg8n-dir4-lr5e-4__skip__s0.json")
+                    .read_text())
+    for when in ("initial", "final"):
+        assert len(an[when]) == 8 and an[when]["8"]["mcos"] > 0.999
+        assert abs(an[when]["8"]["mnorm"] - 1) < 1e-3
+        assert all(abs(v["mcos"]) <= 1 + 1e-6 for v in an[when].values())
     stale = json.loads((runs / "keep-stale__skip__s0.json").read_text())
     assert stale["align"][0]["norms"]["1"][2] == 0  # the frozen stem does not move
     # stopped after iteration 20 with its state saved, then continued: the same numbers
