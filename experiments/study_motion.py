@@ -446,6 +446,17 @@ def alignment(eng: Engine, twin: BPTT, frames, labels, T, ncls: int) -> tuple:
     return st, {str(l): sc.cosine(pseudo[l], exact[l]) for l in pseudo}, dcos, norms
 
 
+def both_gradients(eng: Engine, twin: BPTT, frames, labels, T) -> tuple:
+    """({unit: pseudo-gradient}, {unit: exact BPTT gradient}) of one clip at the current
+    parameters, without an update (the engine's accumulators start from zero)."""
+    for u in eng.units.values():
+        u.zero_grad()
+    eng.run_clip(T, frames, labels, update=False)
+    gp = sc.pseudo_gradients(eng)
+    twin.run_clip(T, frames, labels, update=False)
+    return gp, twin.gradients()
+
+
 def probe(eng: Engine, twin: BPTT, batches, T) -> dict:
     """Expected-gradient alignment at the current parameters (no update): over a fixed set
     of training clips, per unit, the cosine between the *summed* pseudo-gradients and the
@@ -458,12 +469,7 @@ def probe(eng: Engine, twin: BPTT, batches, T) -> dict:
     se = {l: 0.0 for l in range(1, L + 1)}
     np_, ne = dict(sp), dict(se)
     for f, y in batches:
-        for u in eng.units.values():
-            u.zero_grad()
-        eng.run_clip(T, f, y, update=False)
-        gp = sc.pseudo_gradients(eng)
-        twin.run_clip(T, f, y, update=False)
-        ge = twin.gradients()
+        gp, ge = both_gradients(eng, twin, f, y, T)
         for l in sp:
             sp[l] = sp[l] + gp[l]
             se[l] = se[l] + ge[l]
@@ -488,12 +494,7 @@ def motion_part(eng: Engine, twin: BPTT, batches, T) -> dict:
     sp, se = {}, {}
     for f, y in batches:
         for sign, lab in ((1.0, y), (-1.0, np.asarray(y) ^ 1)):
-            for u in eng.units.values():
-                u.zero_grad()
-            eng.run_clip(T, f, lab, update=False)
-            gp = sc.pseudo_gradients(eng)
-            twin.run_clip(T, f, lab, update=False)
-            ge = twin.gradients()
+            gp, ge = both_gradients(eng, twin, f, lab, T)
             for l in gp:
                 sp[l] = sp.get(l, 0.0) + sign * gp[l]
                 se[l] = se.get(l, 0.0) + sign * ge[l]
