@@ -147,6 +147,10 @@ for _lr in (5e-4, 1e-3):
     for _a in ARCHS:
         ARCH_STUDY.append((f"{_a}-dir4-fresh-lr{_lr_name(_lr)}",
                            dict(ARCH, arch=_a, lr=_lr, fresh=True), ("skip", "bptt")))
+# the probe model's exact BPTT at lr 2e-3: ALGORITHM.md's "BPTT: chance ~550, 100% by 600" does
+# not state its lr, and its other runs of that list are at lr 2e-3
+ARCH_STUDY.append(("probe-dir4-fresh-lr2e-3", dict(ARCH, arch="probe", lr=2e-3, fresh=True),
+                   ("bptt", "skip")))
 # the staleness rule (optim.unit_lr = stale) on the deep model, whose bottom units get the
 # stalest pseudo-gradients (vgg8n: U1's cotangent is 14 steps old)
 ARCH_STUDY.append(("vgg8n-dir4-fresh-stale-lr5e-4",
@@ -156,6 +160,11 @@ ARCH_STUDY.append(("vgg8n-dir4-fresh-stale-lr5e-4",
 ARCH_STUDY.append(("vgg8n-dir4-fresh-freeze3-lr5e-4",
                    dict(ARCH, arch="vgg8n", lr=5e-4, fresh=True, unit_lr=[0, 0, 0, 1, 1, 1, 1, 1]),
                    ("skip", "bptt")))
+# ... and slowed 10x instead (the top units at full lr, unlike the staleness rule): does
+# moving the stale bottom units slowly suffice, or must they stop?
+ARCH_STUDY.append(("vgg8n-dir4-fresh-slow3-lr5e-4",
+                   dict(ARCH, arch="vgg8n", lr=5e-4, fresh=True,
+                        unit_lr=[0.1, 0.1, 0.1, 1, 1, 1, 1, 1]), ("skip", "bptt")))
 # the control: Sideways must stay at chance (its forward sees one frame)
 ARCH_STUDY += [(f"{a}-dir4-sideways", dict(ARCH, arch=a, lr=5e-4, iters=1000), ("sideways",))
                for a in ARCHS]

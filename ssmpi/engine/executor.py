@@ -195,9 +195,11 @@ class Engine:
                                    xp=self.xp, cuda_aware=cuda_aware)
         self.executor = Executor(self.units, self.transport, record=record, tracer=tracer)
         # the ranks holding the same units in every replica average their gradients
+        self._split = None  # the replica group's communicator, made here (see close)
+        if reducer is None and placement.replicas > 1:
+            self._split = self.comm.split(placement.position_of(self.rank), self.replica)
         self.reducer = reducer if reducer is not None else GradientReducer(
-            self.comm.split(placement.position_of(self.rank), self.replica)
-            if placement.replicas > 1 else None, cuda_aware=cuda_aware, mode=allreduce)
+            self._split, cuda_aware=cuda_aware, mode=allreduce)
         self.is_bottom = placement.owns_bottom(self.rank)
         self.is_top = placement.owns_top(self.rank)
         self.updates = 0
@@ -332,3 +334,18 @@ class Engine:
         """All units' parameters of replica 0 on ``root`` (a collective; outside the loop)."""
         return self.comm.gather_dicts(self.parameters() if self.replica == 0 else {}, root,
                                       "the parameters of every unit")
+
+    def close(self):
+        """Release the communicator this engine split for its replica group (a collective
+        of the job's ranks, outside the loop). A program that builds many engines in one
+        process (tests, studies) calls it; a job that builds one may leave it to MPI_Finalize."""
+        if self._split is not None:
+            self._split.free()
+            self._split = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:  # after an error the other ranks may not reach the collective
+            self.close()

@@ -260,6 +260,9 @@ class Comm:
             return
         self.mpi = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
+        # what free() releases: the communicator of a split, the watch's duplicate of a
+        # communicator that is not predefined (never a communicator the caller handed in)
+        self._owns_mpi, self._owns_watch = False, False
         if watch is None:
             # one watch for each of the predefined communicators, made once: a Dup is a
             # collective and communicators are a finite resource. Every other communicator
@@ -270,6 +273,8 @@ class Comm:
                 watch = Watch(self.mpi, **watch_kw)
                 if key:
                     _WATCHES[key] = watch
+                else:
+                    self._owns_watch = True
             elif watch_kw:
                 watch.configure(**watch_kw)
         self.watch = watch
@@ -296,7 +301,19 @@ class Comm:
         # MPI_Comm_split blocks outside the watch: meet in a watched barrier first, so that
         # a rank that stopped before it is named instead of leaving the others in the split
         self.barrier(what="every rank to split the communicator")
-        return Comm(self.mpi.Split(color, key), self.watch)
+        sub = Comm(self.mpi.Split(color, key), self.watch)
+        sub._owns_mpi = True
+        return sub
+
+    def free(self):
+        """Release the MPI communicators this Comm made (a collective of its ranks):
+        communicators are a finite resource (MPICH has about 2000 context ids per process), and
+        a program that builds engines again and again (tests, studies) would run out. Free
+        the communicators split from this one first: they share its watch. Idempotent."""
+        if self._owns_watch and self.watch.pcomm != MPI.COMM_NULL:
+            self.watch.pcomm.Free()
+        if self._owns_mpi and self.mpi != MPI.COMM_NULL:
+            self.mpi.Free()
 
     # -- collectives (every rank of the communicator calls them) -------------------------
     def barrier(self, what: str = "a barrier"):
