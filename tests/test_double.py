@@ -217,6 +217,15 @@ def test_conv_is_one_chunk_on_a_device(double, monkeypatch):
     assert res.plan.chunk < 16
     _, res = ops.conv2d_fwd(dd.asarray(x), dd.asarray(w), None, pad=1)
     assert res.plan.chunk == 16
+    # ... and the Winograd path (3x3, stride 1, >= 16 input channels): M holds the tiles of
+    # a chunk of images on the CPU, of all 16 on a device
+    monkeypatch.setattr(conv, "WINOGRAD", True)
+    tiles, w = 16 * 32 * 32, np.ones((3, 3, 16, 64), np.float32)  # M: 4 MB per image
+    for arr, whole in ((np.asarray, False), (dd.asarray, True)):
+        ws = {}
+        y, _ = ops.conv2d_fwd(arr(x), arr(w), None, pad=1, ws=ws)
+        assert (ws["wino_m"][1].shape[1] == tiles) == whole
+        np.testing.assert_allclose(backend.asnumpy(y)[:, 1:-1, 1:-1], 144.0, rtol=1e-6)
 
 
 def test_dropout_on_a_device(double):

@@ -22,7 +22,8 @@ and g the 3x3 kernel. Summing over Cin of the element-wise product is, for every
 Backward: dw = G^T [ V^T @ (A dy A^T) ] G (16 GEMMs again, V kept from the forward), and dx is
 the forward of dy with the kernel rotated by 180 degrees and Cin/Cout swapped, padding 2-p.
 The results equal im2col's up to float rounding (Winograd F(2x2, 3x3) loses about one more bit).
-The GEMMs and the output transform run a chunk of images at a time (M stays in cache).
+The GEMMs and the output transform run a chunk of images at a time on the CPU (M stays in
+cache), all of them at once on a device.
 
 Workspace: with a ``ws`` dict, the padded input, V, M and their dx twins are cached in it, as
 the im2col buffers are (see conv.py).
@@ -149,7 +150,8 @@ def _conv(xp, x, u, p, ws, tag):
     ho, wo = h + 2 * p - 2, wd + 2 * p - 2
     th, tw = -(-ho // 2), -(-wo // 2)
     v = _input_transform(xp, x, p, th, tw, ws, tag)  # (16, T, Cin)
-    nb = _chunk(n, th * tw, cout)
+    # a device has no cache to fit in: one batched GEMM over every image (as conv.py's im2col)
+    nb = _chunk(n, th * tw, cout) if xp is np else n
     key = (tuple(x.shape), tuple(u.shape), p, nb, str(x.dtype), xp.__name__)
     m = _buf(ws, tag + "m", key, xp, (16, nb * th * tw, cout), x.dtype)
     s = _buf(ws, tag + "s", key, xp, (2, 4, nb * th * tw, cout), x.dtype)
