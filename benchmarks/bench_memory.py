@@ -37,15 +37,11 @@ import common  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T in {32, 256} only, fewer schemes")
-    ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--res", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=2)
+    common.shape_args(ap, width=0.25, res=64, batch=2, iters=1)
     ap.add_argument("--Ts", default="32,64,128,256")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--segment", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--budget-mb", type=float, default=1024.0)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.quick:
         a.Ts = "32,256"

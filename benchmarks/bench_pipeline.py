@@ -32,14 +32,10 @@ import common  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="width 0.25, 64x64, short runs")
-    ap.add_argument("--width", type=float, default=1.0)
-    ap.add_argument("--res", type=int, default=112)
-    ap.add_argument("--batch", type=int, default=8)
+    common.shape_args(ap, width=1.0, res=112, batch=8, iters=2)
     ap.add_argument("--T", type=int, default=8, help="steps per timed iteration")
     ap.add_argument("--warmup", type=int, default=2, help="iterations (x T steps) of fill")
-    ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--ranks", default="1,2,8")
-    ap.add_argument("--out", default=None)
     ap.add_argument("--placement", choices=["balanced", "contiguous"], default="balanced",
                     help="units over ranks: balanced by the serial run's measured per-unit "
                          "times (default) or contiguous groups of equal count")

@@ -33,14 +33,10 @@ import common  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="64x64, T=16, one timed iteration")
-    ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--res", type=int, default=112)
-    ap.add_argument("--batch", type=int, default=8)
+    common.shape_args(ap, width=0.25, res=112, batch=8, iters=2)
     ap.add_argument("--T", type=int, default=32, help="clip length (>= 2L for full pipelines)")
-    ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--ranks", default="1,2,4,8")
     ap.add_argument("--segment", type=int, default=4, help="remat segment (frames)")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.quick:
         a.res, a.T, a.iters = 64, 16, 1

@@ -107,6 +107,17 @@ def run_worker(n: int, spec: dict, timeout: float = 900) -> dict:
         return json.loads(out.read_text())
 
 
+def shape_args(ap, *, width: float, res: int, batch: int, iters: int):
+    """The options of the VGG8 benchmarks' model and run shape: --width (channel multiplier),
+    --res (frame size), --batch, --iters (timed iterations) and --out (the JSON's path)."""
+    ap.add_argument("--width", type=float, default=width, help=f"VGG8 width (default {width})")
+    ap.add_argument("--res", type=int, default=res, help=f"frame size (default {res})")
+    ap.add_argument("--batch", type=int, default=batch, help=f"clips per batch (default {batch})")
+    ap.add_argument("--iters", type=int, default=iters,
+                    help=f"timed iterations (default {iters})")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/)")
+
+
 def save(name: str, results: dict, path=None) -> Path:
     path = Path(path) if path else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
