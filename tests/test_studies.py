@@ -80,6 +80,10 @@ def test_study_motion_architectures_and_resume(tmp_path):
         assert len(an[when]) == 8 and an[when]["8"]["mcos"] > 0.999
         assert abs(an[when]["8"]["mnorm"] - 1) < 1e-3
         assert all(abs(v["mcos"]) <= 1 + 1e-6 for v in an[when].values())
+        cm = np.array(an[f"confusion_{when}"])  # every test video once, [true, predicted]
+        assert cm.shape == (4, 4) and cm.sum() == 32
+    cm = np.array(an["confusion_final"])
+    assert abs(np.trace(cm) / 32 - r["final_acc"]) < 1e-9  # the run's own final accuracy
     stale = json.loads((runs / "keep-stale__skip__s0.json").read_text())
     assert stale["align"][0]["norms"]["1"][2] == 0  # the frozen stem does not move
     # stopped after iteration 20 with its state saved, then continued: the same numbers
