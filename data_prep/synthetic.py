@@ -56,11 +56,21 @@ def motion_classes(classes: int, speeds):
     return out
 
 
-def motion_video(rng, *, label, classes, size, frames, square, noise, subsample):
-    """uint8 (frames, H, W, 3): a textured square moving with the class velocity."""
+BACKGROUNDS = ("texture", "flat", "dynamic")
+
+
+def motion_video(rng, *, label, classes, size, frames, square, noise, subsample,
+                 background="texture"):
+    """uint8 (frames, H, W, 3): a textured square (uniform in [0, 1]) moving with the class
+    velocity over a ``background``: ``texture`` a still random texture (uniform in
+    [0.2, 0.8], the default: the square is hard to tell from it in one frame), ``flat`` a
+    constant 0.5 grey (the square stands out), ``dynamic`` a fresh random texture every frame
+    (only the square persists from frame to frame). Additive noise ``noise`` on every frame."""
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background {background!r} is not one of {', '.join(BACKGROUNDS)}")
     H, W = size
     dy, dx, _ = classes[label]
-    bg = rng.uniform(0.2, 0.8, (H, W, 3))
+    bg = rng.uniform(0.2, 0.8, (H, W, 3)) if background == "texture" else np.full((H, W, 3), 0.5)
     tex = rng.uniform(0.0, 1.0, (square, square, 3))
     y0, x0 = rng.integers(0, H), rng.integers(0, W)
     out = np.empty((frames, H, W, 3), np.uint8)
@@ -69,7 +79,7 @@ def motion_video(rng, *, label, classes, size, frames, square, noise, subsample)
         tt = t * subsample  # native frame number
         ys = (y0 + dy * tt + ar) % H
         xs = (x0 + dx * tt + ar) % W
-        img = bg.copy()
+        img = rng.uniform(0.2, 0.8, (H, W, 3)) if background == "dynamic" else bg.copy()
         img[np.ix_(ys, xs)] = tex
         if noise > 0:
             img += rng.normal(0.0, noise, img.shape)
@@ -146,6 +156,7 @@ def make_video(kind, params, split, i):
         return motion_video(
             rng, label=label, classes=classes, size=params["size"], frames=params["frames"],
             square=params["square"], noise=params["noise"], subsample=params["subsample"],
+            background=params.get("background", "texture"),
         ), label
     return bouncing_video(
         rng, size=params["size"], frames=params["frames"], glyphs=params["glyphs"],
@@ -250,6 +261,10 @@ def build_parser():
                            help="comma-separated speeds in pixels/frame (default 1)")
             q.add_argument("--square", type=int, default=0,
                            help="side of the moving square (default: size/4)")
+            q.add_argument("--background", choices=BACKGROUNDS, default="texture",
+                           help="texture: a still random texture (default; the square is hard "
+                           "to tell from it in one frame); flat: grey; dynamic: a new texture "
+                           "every frame")
         else:
             q.add_argument("--glyphs", type=int, default=2, help="digits per video (2)")
             q.add_argument("--speed", type=float, default=1.5, help="pixels per frame (1.5)")
@@ -267,6 +282,8 @@ def main(argv=None):
         params["classes"] = args.classes
         params["speeds"] = [int(s) for s in str(args.speeds).split(",") if s.strip()]
         params["square"] = args.square or max(2, min(args.size) // 4)
+        if args.background != "texture":  # the default stays out: split ids are unchanged
+            params["background"] = args.background
         try:
             motion_classes(params["classes"], params["speeds"])
         except ValueError as e:

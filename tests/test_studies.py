@@ -138,3 +138,13 @@ def test_fresh_clips_are_new_every_iteration_and_resume_the_same_sequence():
                        atol=1e-3)
     other = next(sm.train_batches(None, cfg, seed=4))
     assert not np.array_equal(other.frames, b.frames)
+
+
+@pytest.mark.timeout(300)
+def test_probe_torch_twin_equals_bptt():
+    """experiments/probe_torch.py rebuilds the probe model's temporal graph in PyTorch (an
+    independent reference, skipped without torch): with ssmpi's weights its loss, clip
+    probabilities and autograd gradients equal ssmpi's exact BPTT in float64."""
+    pytest.importorskip("torch")
+    p = _run("probe_torch.py", "--check", "--T", "6", timeout=300)
+    assert "AGREE" in p.stdout and "DISAGREE" not in p.stdout, p.stdout

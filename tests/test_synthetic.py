@@ -265,3 +265,33 @@ def test_every_shard_and_replica_holds_every_class(tmp_path):
         labels = np.concatenate([b.labels[b.video >= 0] for b in ld.epoch(0)])
         ld.close()
         assert len(set(labels.tolist())) == 4, (r, np.bincount(labels))
+
+
+def test_backgrounds():
+    """``background``: texture (the default, unchanged), flat grey, or a new texture per frame;
+    an unknown one is refused by name."""
+    cls = synthetic.motion_classes(4, [2])
+    kw = dict(label=1, classes=cls, size=(16, 16), frames=4, square=4, noise=0.0, subsample=1)
+    default = synthetic.motion_video(np.random.default_rng(5), **kw)
+    tex = synthetic.motion_video(np.random.default_rng(5), background="texture", **kw)
+    assert np.array_equal(default, tex)
+    flat = synthetic.motion_video(np.random.default_rng(5), background="flat", **kw)
+    # everything but the 4x4 square is grey (0.5 -> 128) in every frame
+    assert all(((f != 128).any(-1)).sum() <= 16 for f in flat)
+    assert all(((f == 128).all(-1)).sum() >= 16 * 16 - 16 for f in flat)
+    dyn = synthetic.motion_video(np.random.default_rng(5), background="dynamic", **kw)
+    # a still background keeps all but the square's pixels; a dynamic one keeps almost none
+    same = lambda v: ((v[1:] == v[:-1]).all(-1)).mean()  # noqa: E731
+    assert same(tex) > 0.85 and same(dyn) < 0.1
+    with pytest.raises(ValueError, match="texture, flat, dynamic"):
+        synthetic.motion_video(np.random.default_rng(5), background="sky", **kw)
+
+
+def test_flat_background_single_frames_at_chance(tmp_path):
+    """On flat grey the square is easy to see, but one frame still carries no class."""
+    synthetic.generate("motion", tmp_path, splits={"train": 480, "test": 240},
+                       params=dict(MOTION, background="flat"), shards=2, compression="lzf",
+                       quiet=True)
+    acc_pix, acc_stat, acc_pair = accuracies(tmp_path)
+    assert acc_pix < 0.36 and acc_stat < 0.36, (acc_pix, acc_stat)
+    assert acc_pair > 0.9, acc_pair
