@@ -174,10 +174,18 @@ ARCH_STUDY.append(("vgg8n-dir4-fresh-b2-lr5e-4",
 # texture: on the texture even a two-frame CNN with exact backprop stays at chance for 600
 # iterations (experiments/probe_torch.py), where ALGORITHM.md's probe reports 100% by 150; on
 # flat grey it reaches 1.00 at 300. Is the texture what made every exact-BPTT twin slow?
+FLAT = dict(ARCH, fresh=True, background="flat")
 for _a in ARCHS:
-    ARCH_STUDY.append((f"{_a}-dir4-flat-lr5e-4",
-                       dict(ARCH, arch=_a, lr=5e-4, fresh=True, background="flat"),
-                       ("skip", "bptt")))
+    for _lr in (5e-4, 2e-4):
+        ARCH_STUDY.append((f"{_a}-dir4-flat-lr{_lr_name(_lr)}", dict(FLAT, arch=_a, lr=_lr),
+                           ("skip", "bptt")))
+    # ... Skip-Sideways found direction there within 100-200 iterations and lost it again:
+    # the staleness rule (section 10) keeps what it finds
+    ARCH_STUDY.append((f"{_a}-dir4-flat-stale-lr5e-4",
+                       dict(FLAT, arch=_a, lr=5e-4, unit_lr="stale"), ("skip",)))
+    # the control on this background: Sideways sees one frame per forward, so stays at chance
+    ARCH_STUDY.append((f"{_a}-dir4-flat-sideways", dict(FLAT, arch=_a, lr=5e-4, iters=600),
+                       ("sideways",)))
 # the control: Sideways must stay at chance (its forward sees one frame)
 ARCH_STUDY += [(f"{a}-dir4-sideways", dict(ARCH, arch=a, lr=5e-4, iters=1000), ("sideways",))
                for a in ARCHS]
@@ -737,7 +745,9 @@ def run_one(out: Path, variant: str, cfg: dict, method: str, seed: int, eval_eve
         plateau = st0.get("plateau", plateau)
         print(f"  {key}: resumed at iteration {it}", flush=True)
     shadow = shadow_twin = None
-    if cfg.get("probe"):  # fixed clips, and an engine + BPTT pair that shares the parameters
+    # fixed clips, and an engine + BPTT pair that shares the parameters (only where the model
+    # has the Skip-Sideways concat topology's parameters: not Sideways, not add)
+    if cfg.get("probe") and method in ("skip", "bptt", "fa-skip"):
         shadow = build("skip", dict(cfg, unit_lr=None, amsgrad=False), seed, ncls)
         shadow_twin = BPTT(shadow.topo, seed=seed)
         pb = []

@@ -61,8 +61,13 @@ def test_study_motion_architectures_and_resume(tmp_path):
     """An architecture-file variant (4 directions, 32x32) with its BPTT twin and the remedy
     variants run; a run stopped half-way continues to the same numbers as one that was not."""
     _run("study_motion.py", "--quick", "--out", str(tmp_path / "a"), "--data",
-         str(tmp_path / "d"), "--only", "vgg8n-dir4-lr5e-4,keep-ema,keep-plateau,keep-stale")
+         str(tmp_path / "d"), "--only",
+         "vgg8n-dir4-lr5e-4,keep-ema,keep-plateau,keep-stale,vgg8n-dir4-flat-sideways")
     runs = tmp_path / "a" / "quick" / "runs"
+    # the Sideways control on the flat background: its own test set, no Skip-Sideways probes
+    side = json.loads((runs / "vgg8n-dir4-flat-sideways__sideways__s0.json").read_text())
+    assert side["cfg"]["background"] == "flat" and side["probes"] == []
+    assert [p.name for p in (tmp_path / "d").iterdir() if p.name.endswith("_flat")]
     r = json.loads((runs / "vgg8n-dir4-lr5e-4__skip__s0.json").read_text())
     assert r["cfg"]["arch"] == "vgg8n" and len(r["arch_units"]) == 8
     assert len(r["align"][0]["cos"]) == 8 and r["probes"]
