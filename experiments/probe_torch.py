@@ -40,6 +40,7 @@ import json
 import math
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,10 @@ class Temporal(torch.nn.Module):
                     self.params.extend(_init((ncls, c), c, init, g, fan_out=ncls))
                     c = ncls
             self.out_ch.append(c if l < len(units) - 1 else None)
+        # each unit's parameters, in order (weight, bias per conv / linear)
+        n = [sum(2 for kind, _ in u if kind in ("conv", "linear")) for u in units]
+        off = np.cumsum([0] + n)
+        self.unit_params = [list(self.params)[off[l]:off[l + 1]] for l in range(len(units))]
 
     def unit(self, l: int, x, p):
         """H_l: gamma (N, C, H, W) -> h; ``p`` iterates over the parameters in order."""
@@ -119,17 +124,11 @@ class Temporal(torch.nn.Module):
                                                      + tuple(prev[l - 1].shape[2:]),
                                                      dtype=prev[l - 1].dtype))
                     gamma = torch.cat(parts, 1)
-                p = iter(self._unit_params(l))
-                cur[l] = self.unit(l, gamma, p)
+                cur[l] = self.unit(l, gamma, iter(self.unit_params[l]))
             if cur[L - 1] is not None:
                 tops.append(cur[L - 1])
             prev = cur
         return tops
-
-    def _unit_params(self, l: int):
-        n = [sum(2 for kind, _ in u if kind in ("conv", "linear")) for u in self.units]
-        off = sum(n[:l])
-        return list(self.params)[off:off + n[l]]
 
 
 def _init(wshape, fan_in, init, g, fan_out=None):
@@ -179,7 +178,7 @@ class TwoFrame(Temporal):
         N, _, C, H, W = frames.shape
         x = torch.cat([frames[:, :T - 1], frames[:, 1:T]], 2).reshape(N * (T - 1), 2 * C, H, W)
         for l in range(len(self.units)):
-            x = self.unit(l, x, iter(self._unit_params(l)))
+            x = self.unit(l, x, iter(self.unit_params[l]))
         return list(x.reshape(N, T - 1, -1).unbind(1))
 
 
@@ -215,11 +214,12 @@ def check(a) -> int:
     print(f"loss: torch {J0:.12f}  ssmpi {float(np.mean(st.losses)):.12f}  rel {worst:.1e}")
     ps, i = list(model.params), 0
     for l in range(1, bp.L + 1):
-        for layer in bp.units[l].layers:
+        u = bp.units[l]
+        for j, layer in enumerate(u.layers):
             if "w" not in getattr(layer, "params", {}):
                 continue
-            # ssmpi's gradient of this layer, as a view of the unit's flat grad vector
-            gw, gb = _layer_grads(bp.units[l], layer)
+            # ssmpi's gradient of this layer: views of the unit's flat grad vector
+            gw, gb = (np.asarray(u._grad_views[(j, n)]) for n in ("w", "b"))
             tw = ps[i].grad.numpy()
             tw = tw.transpose(2, 3, 1, 0) if tw.ndim == 4 else tw.T
             for name, mine, ref in (("w", gw, tw), ("b", gb, ps[i + 1].grad.numpy())):
@@ -234,17 +234,6 @@ def check(a) -> int:
     return 0 if ok else 1
 
 
-def _layer_grads(unit, layer):
-    """(dW, db) of ``layer`` out of ``unit.grad`` (the flat layout of ``unit.theta``)."""
-    off = 0
-    for ly in unit.layers:
-        for name in sorted(getattr(ly, "params", {}) or {}, key=lambda n: n != "w"):
-            n = int(np.prod(ly.params[name].shape))
-            if ly is layer:
-                yield np.asarray(unit.grad[off:off + n]).reshape(ly.params[name].shape)
-            off += n
-
-
 def train(a) -> dict:
     torch.manual_seed(a.seed)
     cfg = cfg_of(a)
@@ -256,7 +245,7 @@ def train(a) -> dict:
     else:
         model = Temporal(PROBE, 3, 4, a.init, a.seed)
     opt = torch.optim.Adam(model.params, lr=a.lr, eps=1e-8)
-    test_b = list(_take(sm.fresh_batches(cfg, a.seed + 10_000), a.test // cfg["batch"]))
+    test_b = list(islice(sm.fresh_batches(cfg, a.seed + 10_000), a.test // cfg["batch"]))
     gen = sm.fresh_batches(cfg, a.seed)
     curve, first, t0 = [], None, time.time()
     for it in range(1, a.iters + 1):
@@ -283,11 +272,6 @@ def train(a) -> dict:
         with open(a.out, "a") as fh:
             fh.write(json.dumps(res) + "\n")
     return res
-
-
-def _take(gen, n):
-    for _ in range(n):
-        yield next(gen)
 
 
 def main(argv=None) -> int:
