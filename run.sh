@@ -40,10 +40,10 @@ for mode in sideways skip; do
     --set data.root="$DATA" "$@"
 done
 
-python - "$OUT" <<'PY'
-import json, sys
+python - "$OUT" "$DATA" <<'PY'
+import json, sys, tomllib
 from pathlib import Path
-out = Path(sys.argv[1])
+out, data = Path(sys.argv[1]), Path(sys.argv[2])
 rows = []
 for mode in ("sideways", "skip"):
     lines = (out / f"demo-{mode}" / "metrics.jsonl").read_text().splitlines()
@@ -57,8 +57,14 @@ print(f"{'mode':<10} {'test clip acc':>14} {'video acc':>10} {'test loss':>10} "
       f"{'frames/s':>9} {'seconds':>8}")
 for r in rows:
     print(f"{r[0]:<10} {r[1]:>14.3f} {r[2]:>10.3f} {r[3]:>10.3f} {r[4]:>9.0f} {r[5]:>8.1f}")
-print("\nchance is 50% (2 classes). Sideways sees one frame per forward pass and cannot tell"
-      "\nleft from right; Skip-Sideways' shortcut edges bring older frames to the upper units"
-      "\n(here the input frame itself: model.input_unit), and it learns the direction.")
+ncls = json.loads((data / "manifest.json").read_text())["num_classes"]
+cfg = tomllib.loads((out / "demo-skip" / "config.toml").read_text())
+how = ("here the input frame itself: model.input_unit" if cfg["model"]["input_unit"] else
+       "here with the bottom units frozen by optim.unit_lr"
+       if isinstance(cfg["optim"]["unit_lr"], list) else "")
+what = "left from right" if ncls == 2 else "the directions apart"
+print(f"\nchance is {100 / ncls:.0f}% ({ncls} classes). Sideways sees one frame per forward pass and"
+      f" cannot tell\n{what}; Skip-Sideways' shortcut edges bring older frames to the upper units"
+      + (f"\n({how})" if how else "") + ", and it learns the direction.")
 PY
 python -m ssmpi.plot "$OUT/demo-sideways" "$OUT/demo-skip" --out "$OUT" || true

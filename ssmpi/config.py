@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 try:  # Python 3.11+
     import tomllib
@@ -118,8 +118,9 @@ class OptimConfig:
     min_lr: float = 0.0  # cosine floor
     milestones: List[int] = field(default_factory=list)  # step schedule: updates where lr *= gamma
     gamma: float = 0.1  # step schedule factor
-    unit_lr: str = "same"  # same | stale: unit U_l's lr x 1/(1 + 2(L-l)), the age of its
-    #   cotangent; keeps a found solution at a constant lr (docs/FINDINGS.md, section 10)
+    unit_lr: Union[str, List[float]] = "same"  # same | stale: unit U_l's lr x 1/(1 + 2(L-l)),
+    #   the age of its cotangent; keeps a found solution at a constant lr (docs/FINDINGS.md,
+    #   section 10) | one factor per unit, [U1, ..., UL], 0 freezing a unit (section 9d)
 
 
 @dataclass
@@ -156,8 +157,8 @@ CHOICES = {
     "data.target": ("newest", "direct"),
     "optim.name": ("adam", "sgd"),
     "optim.schedule": ("constant", "step", "cosine"),
-    "optim.unit_lr": ("same", "stale"),
 }
+UNIT_LR_RULES = ("same", "stale")  # optim.unit_lr, besides a list of per-unit factors
 POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_unit",
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
             "data.stride", "data.eval_clips_per_video", "data.prefetch", "run.keep_checkpoints"}
@@ -190,10 +191,31 @@ def _coerce_arch(key: str, value: Any) -> list:
     return [list(u) for u in value]
 
 
+def _coerce_unit_lr(key: str, value: Any):
+    """optim.unit_lr: a rule name, or one factor per unit (a TOML list, or in --set
+    ``[0,0,1,1]`` or ``0,0,1,1``)."""
+    if isinstance(value, str) and not (value.strip().startswith("[") or "," in value):
+        return value.strip()
+    given = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text if text.startswith("[") else f"[{text}]")
+        except json.JSONDecodeError:
+            value = None
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    raise ConfigError(f"config key {key}: expected {' or '.join(UNIT_LR_RULES)}, or one "
+                      f"learning-rate factor per unit such as [0, 0, 1, 1], got {given!r}")
+
+
 def _coerce(key: str, value: Any, default: Any):
     """Convert ``value`` to the type of ``default`` or raise ConfigError naming ``key``."""
     if key == "model.arch":
         return _coerce_arch(key, value)
+    if key == "optim.unit_lr":
+        return _coerce_unit_lr(key, value)
     want = type(default)
     try:
         if want is bool:
@@ -315,6 +337,7 @@ def validate(cfg: Config) -> Config:
     if cfg.model.units < 2:
         raise ConfigError(f"config key model.units: must be >= 2, got {cfg.model.units}")
     _validate_arch(cfg.model)
+    _validate_unit_lr(cfg.optim.unit_lr)
     if cfg.optim.momentum >= 1:
         raise ConfigError(f"config key optim.momentum: must be in [0, 1), got "
                           f"{cfg.optim.momentum}")
@@ -332,6 +355,33 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key run.name: must be a plain folder name, got "
                           f"{cfg.run.name!r}")
     return cfg
+
+
+def _validate_unit_lr(u):
+    """optim.unit_lr: a known rule, or factors >= 0 of which one at least is > 0 (the number
+    of units is checked when the model is built: see :func:`check_unit_lr`)."""
+    if isinstance(u, str):
+        if u not in UNIT_LR_RULES:
+            raise ConfigError(f"config key optim.unit_lr: {u!r} is not one of "
+                              f"{', '.join(UNIT_LR_RULES)} (or one factor per unit, such as "
+                              "[0, 0, 1, 1])")
+        return
+    if len(u) < 2 or not all(math.isfinite(f) and f >= 0 for f in u):
+        raise ConfigError(f"config key optim.unit_lr: expected one factor >= 0 per unit "
+                          f"(U1 first), got {u}")
+    if max(u) == 0:
+        raise ConfigError(f"config key optim.unit_lr: every factor is 0, so no unit would "
+                          f"train ({u})")
+
+
+def check_unit_lr(cfg: Config, L: int, input_unit: bool = False):
+    """optim.unit_lr as a list must have one factor per unit of the built model."""
+    u = cfg.optim.unit_lr
+    if isinstance(u, list) and len(u) != L:
+        extra = ", the input unit U1 included" if input_unit else ""
+        raise ConfigError(f"config key optim.unit_lr: {len(u)} factors for a model of {L} "
+                          f"units (U1..U{L}{extra}); give one per unit, e.g. "
+                          f"{[0.0] + [1.0] * (L - 1)}")
 
 
 def _validate_arch(m: ModelConfig):

@@ -10,14 +10,14 @@ gradient ``g`` (P,), so they are one fused pass over contiguous memory on NumPy 
 - :func:`clip_by_norm`: gradient-norm clipping over the whole unit;
 - :class:`Schedule`: ``constant``, ``step``, ``cosine``, each with an optional linear warm-up;
 - :func:`unit_lr_scale`: per-unit learning-rate multipliers (``"stale"``: by the age of the
-  cotangent a unit's pseudo-gradient uses).
+  cotangent a unit's pseudo-gradient uses; or one factor per unit, 0 freezing a unit).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 
@@ -28,7 +28,7 @@ OPTIMIZERS = ("sgd", "adam")
 UNIT_LR_RULES = ("same", "stale")
 
 
-def unit_lr_scale(rule: str, l: int, L: int) -> float:
+def unit_lr_scale(rule: Union[str, Sequence[float]], l: int, L: int) -> float:
     """Learning-rate multiplier of unit U_l (1-based) of a pipeline of L units.
 
     ``"same"``: 1. ``"stale"``: 1 / (1 + 2(L - l)). In Sideways / Skip-Sideways the
@@ -36,14 +36,25 @@ def unit_lr_scale(rule: str, l: int, L: int) -> float:
     pseudo-gradients of the lower units are the least exact ones; this rule slows each unit
     in proportion. Measured (docs/FINDINGS.md, section 10): with it a direction-of-motion
     solution found by Skip-Sideways is kept at a constant base learning rate, where with
-    equal rates the first conv unit's updates pull it apart."""
-    if rule == "same":
-        return 1.0
-    if rule == "stale":
-        if not 1 <= l <= L:
-            raise ValueError(f"unit {l} outside 1..{L}")
-        return 1.0 / (1 + 2 * (L - l))
-    raise ValueError(f"unit lr rule {rule!r} is not one of {', '.join(UNIT_LR_RULES)}")
+    equal rates the first conv unit's updates pull it apart.
+
+    A sequence gives one factor per unit, ``rule[l - 1]`` for U_l; 0 freezes the unit at its
+    initial weights (docs/FINDINGS.md, section 9d: with U1-U2 frozen, Skip-Sideways learns
+    the direction of motion without the input unit and keeps it)."""
+    if not 1 <= l <= L:
+        raise ValueError(f"unit {l} outside 1..{L}")
+    if isinstance(rule, str):
+        if rule == "same":
+            return 1.0
+        if rule == "stale":
+            return 1.0 / (1 + 2 * (L - l))
+        raise ValueError(f"unit lr rule {rule!r} is not one of {', '.join(UNIT_LR_RULES)}")
+    if len(rule) != L:
+        raise ValueError(f"{len(rule)} unit lr factors for {L} units")
+    f = float(rule[l - 1])
+    if not (math.isfinite(f) and f >= 0):
+        raise ValueError(f"unit lr factor of U{l} must be a finite number >= 0, got {f}")
+    return f
 
 
 @dataclass

@@ -88,7 +88,7 @@ class Setup:
         from pathlib import Path
 
         from . import backend, data
-        from .config import ConfigError
+        from .config import ConfigError, check_unit_lr
         from .engine.topology import Placement, Topology, TopologyError
 
         self.cfg, self.comm = cfg, comm
@@ -142,6 +142,7 @@ class Setup:
         if e.mode in ("skip", "fa-skip") and e.k > max(2, self.topo.L - 1):  # 2: the default
             raise TopologyError(f"engine.k = {e.k} but the model has {self.topo.L} units: the "
                                 f"longest edge is U1->U{self.topo.L} (k <= {self.topo.L - 1})")
+        check_unit_lr(cfg, self.topo.L, input_unit=cfg.model.input_unit)
         self.placement = Placement(self.topo.L, self.size, replicas=e.replicas)
         if e.placement == "balanced" and self.placement.P > 1:
             groups = None
@@ -252,6 +253,12 @@ class Setup:
             lines.append(f"{'U%d' % l:>5} {pl.rank_of(l):>4}  {desc[:44]:<44} "
                          f"{str(topo.out_shapes[l]):>16} {nparam:>10,} {flops / 1e6:>12.1f}")
         lines.append(f"total parameters: {total_p:,}")
+        if self.cfg.optim.unit_lr != "same":
+            from .optim import unit_lr_scale
+
+            f = [unit_lr_scale(self.cfg.optim.unit_lr, l, topo.L) for l in range(1, topo.L + 1)]
+            lines.append("per-unit learning rates (optim.unit_lr): " + ", ".join(
+                f"U{l} " + ("frozen" if x == 0 else f"x{x:.3g}") for l, x in enumerate(f, 1)))
         return "\n".join(lines)
 
     def memory_estimate(self) -> dict:

@@ -1,10 +1,10 @@
-"""optim.unit_lr = "stale" (issue 16, keeping what Skip-Sideways learns): unit U_l of L
-trains with lr / (1 + 2(L - l)); checked on the trainer's first Adam step, whose size is the
-learning rate itself."""
+"""optim.unit_lr (issue 16, keeping what Skip-Sideways learns): ``"stale"`` trains unit U_l
+of L with lr / (1 + 2(L - l)); a list gives one factor per unit, 0 freezing a unit. Checked
+on the trainer's first Adam step, whose size is the learning rate itself."""
 
 import numpy as np
 import pytest
-from train_helpers import base_args, make_motion, run_train
+from train_helpers import base_args, make_motion, program_lines, run_train
 
 from ssmpi import checkpoint as ckpt
 from ssmpi.config import ConfigError, load_config
@@ -14,18 +14,51 @@ from ssmpi.optim import unit_lr_scale
 def test_scales():
     assert [unit_lr_scale("stale", l, 4) for l in (1, 2, 3, 4)] == [1 / 7, 1 / 5, 1 / 3, 1]
     assert unit_lr_scale("same", 1, 8) == 1.0
+    assert [unit_lr_scale([0, 0.5, 1, 2], l, 4) for l in (1, 2, 3, 4)] == [0, 0.5, 1, 2]
     with pytest.raises(ValueError, match="not one of same, stale"):
         unit_lr_scale("fresh", 1, 2)
+    with pytest.raises(ValueError, match="3 unit lr factors for 4 units"):
+        unit_lr_scale([0, 1, 1], 1, 4)
     with pytest.raises(ConfigError, match="optim.unit_lr: 'fresh' is not one of same, stale"):
         load_config(None, ["optim.unit_lr=fresh"])
 
 
+@pytest.mark.parametrize("text", ["[0,0,1,1]", "0,0,1,1", "[0, 0.0, 1, 1.0]"])
+def test_factor_lists_parse(text):
+    assert load_config(None, [f"optim.unit_lr={text}"]).optim.unit_lr == [0, 0, 1, 1]
+
+
+def test_factor_lists_from_toml_and_back(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[optim]\nunit_lr = [0, 0, 1, 1]\n")
+    cfg = load_config(str(p))
+    assert cfg.optim.unit_lr == [0, 0, 1, 1]
+    (tmp_path / "resolved.toml").write_text(cfg.to_toml())  # what a run folder keeps
+    assert load_config(str(tmp_path / "resolved.toml")).optim.unit_lr == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[1,-1]", "one factor >= 0 per unit"),
+    ("[1,NaN]", "one factor >= 0 per unit"),
+    ("[1]", "one factor >= 0 per unit"),
+    ("[0,0,0]", "every factor is 0, so no unit would train"),
+    ("[1,true]", "one learning-rate factor per unit such as"),
+    ("[a,b]", "one learning-rate factor per unit such as"),
+    ("0.5", "'0.5' is not one of same, stale"),
+])
+def test_bad_factor_lists(text, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, [f"optim.unit_lr={text}"])
+
+
 @pytest.mark.timeout(300)
-def test_trainer_applies_the_stale_rule(tmp_path):
+def test_trainer_applies_the_rules(tmp_path):
     motion = make_motion(tmp_path / "m")
     one = ["--set", "run.iterations=1", "--set", "data.flip=false"]
+    factors = [0, 0.5, 0, 1]  # U1 and U3 frozen, U2 at half the lr
     runs = {"init": ["--set", "optim.lr=0"], "same": [],
-            "stale": ["--set", "optim.unit_lr=stale"]}
+            "stale": ["--set", "optim.unit_lr=stale"],
+            "list": ["--set", f"optim.unit_lr={factors}".replace(" ", "")]}
     params = {}
     for name, extra in runs.items():
         p = run_train(2, base_args(motion, tmp_path, name, *one, *extra))
@@ -37,5 +70,28 @@ def test_trainer_applies_the_stale_rule(tmp_path):
             # Adam's first step moves every parameter with a gradient by lr (m / sqrt(v) = 1)
             same = np.abs(params["same"][l][k] - w0).max()
             stale = np.abs(params["stale"][l][k] - w0).max()
+            listed = np.abs(params["list"][l][k] - w0).max()
             assert same == pytest.approx(lr, rel=1e-3), (l, k)
             assert stale == pytest.approx(lr / (1 + 2 * (L - l)), rel=1e-3), (l, k)
+            if factors[l - 1] == 0:
+                assert listed == 0, (l, k)  # frozen: bit for bit the initial weights
+            else:
+                assert listed == pytest.approx(lr * factors[l - 1], rel=1e-3), (l, k)
+    # the run folder's resolved config keeps the list, so --resume trains the same units
+    assert load_config(str(tmp_path / "list" / "config.toml")).optim.unit_lr == factors
+
+
+@pytest.mark.timeout(120)
+def test_factor_count_must_match_the_model(tmp_path):
+    motion = make_motion(tmp_path / "m")
+    p = run_train(2, base_args(motion, tmp_path, "bad", "--set", "optim.unit_lr=[0,1,1]"))
+    lines = program_lines(p.stderr)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert len(lines) == 1, lines
+    assert "optim.unit_lr: 3 factors for a model of 4 units (U1..U4)" in lines[0]
+    assert not (tmp_path / "bad").exists()  # nothing written for a config that cannot run
+    # the input unit is a unit: 4 factors no longer fit, and the error says why
+    p = run_train(2, base_args(motion, tmp_path, "bad2", "--set", "optim.unit_lr=[0,0,1,1]",
+                               "--set", "model.input_unit=true"))
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "4 factors for a model of 5 units (U1..U5, the input unit U1 included)" in p.stderr
