@@ -95,3 +95,30 @@ def test_factor_count_must_match_the_model(tmp_path):
                                "--set", "model.input_unit=true"))
     assert p.returncode == 2, p.stderr[-3000:]
     assert "4 factors for a model of 5 units (U1..U5, the input unit U1 included)" in p.stderr
+
+
+@pytest.mark.timeout(300)
+def test_run_sh_runs_the_frozen_flat_config(tmp_path):
+    """README: ``RANKS=4 CONFIG=jobs/configs/motion32_flat_freeze.toml ... ./run.sh`` (the
+    setting without the input unit) trains both modes and names the frozen units."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from train_helpers import ENV
+
+    root = Path(__file__).resolve().parents[1]
+    data_args = ("--size 32 --classes 4 --speeds 2 --square 8 --noise 0.02 --frames 10 "
+                 "--videos 32 --test-videos 16 --background flat")
+    env = dict(ENV, RANKS="4", CONFIG="jobs/configs/motion32_flat_freeze.toml",
+               DATA=str(tmp_path / "data"), OUT=str(tmp_path / "runs"), DATA_ARGS=data_args,
+               MPLBACKEND="Agg")
+    p = subprocess.run(["./run.sh", "--set", "run.iterations=3", "--set", "run.eval_every=0",
+                        "--set", "run.eval_batches=1", "--set", "run.progress=false"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "chance is 25% (4 classes)" in p.stdout
+    assert "(here with the bottom units frozen by optim.unit_lr)" in p.stdout
+    assert "U1 frozen, U2 frozen, U3 x1, U4 x1" in p.stdout + p.stderr
+    for mode in ("sideways", "skip"):
+        assert os.path.isfile(tmp_path / "runs" / f"demo-{mode}" / "metrics.jsonl")
