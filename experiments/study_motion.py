@@ -196,6 +196,20 @@ for _a in ARCHS:
                        dict(FLAT, arch=_a, lr=5e-4, unit_lr=[0] * _nf + [1] * (_L - _nf)),
                        ("skip",)))
     TWINS[f"{_a}-dir4-flat-freeze{_nf}-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
+    # ... and, for 3000 iterations at a constant lr, the trainable units slowed by the
+    # staleness rule as well: frozen alone, vgg8n held >= 0.97 to 1700 iterations, then its
+    # training loss rose (0.01 -> 2-13) with test dips to 0.87 (optim.unit_lr takes this list)
+    ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-stale-lr5e-4",
+                       dict(FLAT, arch=_a, lr=5e-4, iters=3000, unit_lr=[0] * _nf + [
+                           unit_lr_scale("stale", l, _L) for l in range(_nf + 1, _L + 1)]),
+                       ("skip",)))
+    TWINS[f"{_a}-dir4-flat-freeze{_nf}-stale-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
+    # ... or with AMSGrad instead: the rises came as spikes (Adam's step m / sqrt(v) grows
+    # when v has decayed over many tiny gradients; AMSGrad divides by the largest v seen)
+    ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-amsgrad-lr5e-4",
+                       dict(FLAT, arch=_a, lr=5e-4, iters=3000, amsgrad=True,
+                            unit_lr=[0] * _nf + [1] * (_L - _nf)), ("skip",)))
+    TWINS[f"{_a}-dir4-flat-freeze{_nf}-amsgrad-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
     # the control on this background: Sideways sees one frame per forward, so stays at chance
     ARCH_STUDY.append((f"{_a}-dir4-flat-sideways", dict(FLAT, arch=_a, lr=5e-4, iters=600),
                        ("sideways",)))

@@ -112,6 +112,8 @@ class OptimConfig:
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0  # L2 (sgd) or decoupled (adam)
+    amsgrad: bool = False  # adam: divide by the largest second moment seen (Reddi et al. 2018),
+    #   so a step cannot grow after a run of tiny gradients (docs/FINDINGS.md, section 9e)
     clip: float = 0.0  # per-unit gradient-norm clipping (0 = off)
     schedule: str = "constant"  # constant | step | cosine
     warmup: int = 0  # linear warm-up updates
@@ -338,6 +340,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key model.units: must be >= 2, got {cfg.model.units}")
     _validate_arch(cfg.model)
     _validate_unit_lr(cfg.optim.unit_lr)
+    if cfg.optim.amsgrad and cfg.optim.name != "adam":
+        raise ConfigError(f"config key optim.amsgrad: an Adam option (optim.name is "
+                          f"{cfg.optim.name!r})")
     if cfg.optim.momentum >= 1:
         raise ConfigError(f"config key optim.momentum: must be in [0, 1), got "
                           f"{cfg.optim.momentum}")

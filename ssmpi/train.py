@@ -176,7 +176,7 @@ class Setup:
             okw = dict(name=o.name, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                        weight_decay=o.weight_decay, clip=o.clip, schedule=o.schedule,
                        warmup=o.warmup, total=total, min_lr=o.min_lr,
-                       milestones=o.milestones, gamma=o.gamma)
+                       milestones=o.milestones, gamma=o.gamma, amsgrad=o.amsgrad)
             self.engine = Engine(
                 self.topo, self.placement, comm, batch=cfg.data.batch_size, seed=cfg.run.seed,
                 dtype=np.dtype(cfg.run.dtype), wait_mode=e.wait_mode, watchdog_s=e.watchdog_s,

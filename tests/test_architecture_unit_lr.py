@@ -122,3 +122,34 @@ def test_run_sh_runs_the_frozen_flat_config(tmp_path):
     assert "U1 frozen, U2 frozen, U3 x1, U4 x1" in p.stdout + p.stderr
     for mode in ("sideways", "skip"):
         assert os.path.isfile(tmp_path / "runs" / f"demo-{mode}" / "metrics.jsonl")
+
+
+def test_amsgrad_is_an_adam_option():
+    assert load_config(None, ["optim.amsgrad=true"]).optim.amsgrad is True
+    with pytest.raises(ConfigError, match="optim.amsgrad: an Adam option"):
+        load_config(None, ["optim.amsgrad=true", "optim.name=sgd"])
+
+
+@pytest.mark.timeout(200)
+def test_trainer_passes_amsgrad_to_every_unit(tmp_path):
+    """optim.amsgrad = true reaches each unit's Adam, with the per-unit factors too: the
+    checkpoint keeps its running maximum of the second moment (vmax >= v); without it there
+    is none."""
+    import h5py
+
+    motion = make_motion(tmp_path / "m")
+    runs = {"a": ["--set", "optim.amsgrad=true"],
+            "b": ["--set", "optim.amsgrad=true", "--set", "optim.unit_lr=1,1,0.5,1"],
+            "off": ["--set", "optim.unit_lr=1,1,0.5,1"]}
+    for name, extra in runs.items():
+        p = run_train(2, base_args(motion, tmp_path, name, "--set", "run.iterations=2",
+                                   *extra))
+        assert p.returncode == 0, p.stderr[-3000:]
+        folder = ckpt.latest_checkpoint(tmp_path / name)[0]
+        for l in range(1, 5):
+            with h5py.File(folder / f"unit-{l:02d}.h5") as f:
+                if name == "off":
+                    assert "vmax" not in f["optim"], l
+                    continue
+                v, vmax = f["optim/v"][()], f["optim/vmax"][()]
+            assert (v > 0).any() and (vmax >= v).all(), (name, l)
