@@ -210,6 +210,18 @@ for _a in ARCHS:
                        dict(FLAT, arch=_a, lr=5e-4, iters=3000, amsgrad=True,
                             unit_lr=[0] * _nf + [1] * (_L - _nf)), ("skip",)))
     TWINS[f"{_a}-dir4-flat-freeze{_nf}-amsgrad-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
+    # ... the frozen model's exact BPTT for the same 3000 iterations (no early stop): does the
+    # rise come from Skip-Sideways, or from Adam and the cross-entropy at a constant lr (at
+    # the end of the frozen run the trainable units' weights had grown 2-2.7x, and the
+    # pseudo-gradients of U4-U8 had cosine 1.00 with the exact ones)?
+    ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-long-lr5e-4",
+                       dict(FLAT, arch=_a, lr=5e-4, iters=3000, hold=0,
+                            unit_lr=[0] * _nf + [1] * (_L - _nf)), ("bptt",)))
+    # ... and decoupled weight decay (AdamW), which bounds the weights' growth
+    ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-wd-lr5e-4",
+                       dict(FLAT, arch=_a, lr=5e-4, iters=3000, wd=1.0,
+                            unit_lr=[0] * _nf + [1] * (_L - _nf)), ("skip",)))
+    TWINS[f"{_a}-dir4-flat-freeze{_nf}-wd-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
     # the control on this background: Sideways sees one frame per forward, so stays at chance
     ARCH_STUDY.append((f"{_a}-dir4-flat-sideways", dict(FLAT, arch=_a, lr=5e-4, iters=600),
                        ("sideways",)))
@@ -316,10 +328,12 @@ def identity_stem(model):
 
 def optimizer(cfg: dict, scale: float = 1.0) -> dict:
     """Optimizer settings of ``cfg`` (lr x ``scale``; optional schedule, warm-up, clipping,
-    AMSGrad)."""
+    AMSGrad, weight decay)."""
     opt = dict(name=cfg.get("opt", "adam"), lr=cfg["lr"] * scale, clip=cfg.get("clip", 0.0))
     if cfg.get("amsgrad"):
         opt["amsgrad"] = True
+    if cfg.get("wd"):  # decoupled (AdamW): theta -= lr * wd * theta each step
+        opt["weight_decay"] = cfg["wd"]
     if cfg.get("beta2"):
         opt["betas"] = (0.9, cfg["beta2"])
     if cfg.get("sched", "constant") != "constant" or cfg.get("warmup"):
@@ -423,6 +437,21 @@ def evaluate(model, method, root, T, batch, confusion: bool = False):
     finally:
         ld.close()
     return cm if confusion else np.trace(cm) / max(cm.sum(), 1)
+
+
+def step_losses(model, root, T, batch, n_batches: int = 8) -> list:
+    """The mean test loss at each valid step of a clip (first valid step first), over the
+    first ``n_batches`` test batches: where in the clip a rising training loss comes from."""
+    ds = data.open_dataset(root, "test")
+    ld = data.ClipLoader(ds, batch_size=batch, clip_len=T, train=False, flip=False,
+                         drop_last=True)
+    rows = []
+    try:
+        for i, b in zip(range(n_batches), ld.epoch(0)):
+            rows.append(model.run_clip(T, b.frames, b.labels, train=False).losses)
+    finally:
+        ld.close()
+    return np.mean(rows, axis=0).tolist()
 
 
 # -- state of a run (weights, optimizer state, and a weight average) ------------------------
@@ -591,6 +620,13 @@ def analyse(out: Path, key: str, n_batches: int = 16) -> dict:
         # which directions it tells apart: the test confusion matrix [true, predicted]
         res[f"confusion_{when}"] = evaluate(model, "skip", dataset(out, cfg), cfg["T"],
                                             cfg["batch"], confusion=True).tolist()
+        # the size of each unit's weights, and the test loss at each step of the clip
+        res[f"norm_{when}"] = {str(l): float(np.linalg.norm(u.theta))
+                               for l, u in sorted(model.units.items())}
+        res[f"step_loss_{when}"] = step_losses(model, dataset(out, cfg), cfg["T"], cfg["batch"])
+        print(f"  {key} {when}: weight norms " + " / ".join(
+            f"U{l} {v:.1f}" for l, v in res[f"norm_{when}"].items()) + "; test loss per step "
+            + " ".join(f"{v:.2f}" for v in res[f"step_loss_{when}"]), flush=True)
         print(f"  {key} {when}: test confusion [true, predicted] "
               f"{res[f'confusion_{when}']}", flush=True)
         print(f"  {key} {when}: mcos " + " / ".join(

@@ -62,7 +62,8 @@ def test_study_motion_architectures_and_resume(tmp_path):
     variants run; a run stopped half-way continues to the same numbers as one that was not."""
     _run("study_motion.py", "--quick", "--out", str(tmp_path / "a"), "--data",
          str(tmp_path / "d"), "--only",
-         "vgg8n-dir4-lr5e-4,keep-ema,keep-plateau,keep-stale,vgg8n-dir4-flat-sideways")
+         "vgg8n-dir4-lr5e-4,keep-ema,keep-plateau,keep-stale,vgg8n-dir4-flat-sideways,"
+         "vgg8n-dir4-flat-freeze3-wd-lr5e-4")
     runs = tmp_path / "a" / "quick" / "runs"
     # the Sideways control on the flat background: its own test set, no Skip-Sideways probes
     side = json.loads((runs / "vgg8n-dir4-flat-sideways__sideways__s0.json").read_text())
@@ -75,6 +76,11 @@ def test_study_motion_architectures_and_resume(tmp_path):
     pn, en, step = r["align"][0]["norms"]["8"]
     assert abs(pn - en) <= 1e-5 * en and step > 0
     assert (runs / "vgg8n-dir4-lr5e-4__bptt__s0.json").exists()
+    # U1-U3 frozen (unit_lr 0) stay frozen under weight decay: it is lr x wd x theta
+    wd = json.loads((runs / "vgg8n-dir4-flat-freeze3-wd-lr5e-4__skip__s0.json").read_text())
+    assert wd["cfg"]["wd"] > 0
+    assert [wd["align"][0]["norms"][str(l)][2] for l in (1, 2, 3)] == [0, 0, 0]
+    assert all(wd["align"][0]["norms"][str(l)][2] > 0 for l in range(4, 9))
     # the direction-dependent part of the gradients at the first and the last weights: the
     # head's pseudo-gradient is exact, so its part is too
     _run("study_motion.py", "--quick", "--out", str(tmp_path / "a"), "--data",
@@ -87,6 +93,10 @@ def test_study_motion_architectures_and_resume(tmp_path):
         assert all(abs(v["mcos"]) <= 1 + 1e-6 for v in an[when].values())
         cm = np.array(an[f"confusion_{when}"])  # every test video once, [true, predicted]
         assert cm.shape == (4, 4) and cm.sum() == 32
+        # each unit's weight norm, and the test loss at each valid step of a clip
+        assert sorted(an[f"norm_{when}"], key=int) == [str(l) for l in range(1, 9)]
+        assert an[f"step_loss_{when}"] and np.isfinite(an[f"step_loss_{when}"]).all()
+    assert an["norm_final"]["8"] != an["norm_initial"]["8"]  # the head trained
     cm = np.array(an["confusion_final"])
     assert abs(np.trace(cm) / 32 - r["final_acc"]) < 1e-9  # the run's own final accuracy
     stale = json.loads((runs / "keep-stale__skip__s0.json").read_text())
