@@ -191,7 +191,7 @@ for _a in ARCHS:
     # turns away from the exact gradient along these runs (cosine 0.1-0.3, -0.47 at the
     # solution)
     _nf = {"probe": 2, "tiny6": 2, "vgg8n": 3}[_a]
-    _L = {"probe": 4, "tiny6": 6, "vgg8n": 8}[_a]
+    _L = len(architecture.load_arch_file(ARCH_DIR / f"{_a}.toml")["units"])
     ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-lr5e-4",
                        dict(FLAT, arch=_a, lr=5e-4, unit_lr=[0] * _nf + [1] * (_L - _nf)),
                        ("skip",)))
