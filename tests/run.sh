@@ -12,7 +12,7 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export SSMPI_DEVICE="${SSMPI_DEVICE:-auto}"
 
-SERIAL_TIMEOUT="${SERIAL_TIMEOUT:-900}"   # seconds for the whole serial phase
+SERIAL_TIMEOUT="${SERIAL_TIMEOUT:-1200}"  # the whole serial phase (777 s on a 2-core AMD EPYC without AVX-512)
 MPI_TIMEOUT="${MPI_TIMEOUT:-420}"         # seconds for each mpiexec phase
 OPENMPI_TIMEOUT="${OPENMPI_TIMEOUT:-2100}"  # the whole Open MPI phase (its steps: 1920)
 
