@@ -33,13 +33,15 @@ def run_train(n, args, timeout=120, env=ENV, **kw):
 def program_lines(stderr: str):
     """The non-empty lines of ``stderr`` that the program wrote, without the launcher's own
     report of a non-zero exit (Open MPI's prterun prints a dashed block, and sometimes a
-    ``PMIX ERROR`` line, whatever the program said; MPICH's mpiexec prints nothing)."""
+    ``PMIX ERROR`` line or a libevent ``[warn] Epoll MOD(4) on fd N failed`` line when a rank
+    exits while its socket is still registered, whatever the program said; MPICH's mpiexec
+    prints nothing). The program itself never writes either marker."""
     out, in_block = [], False
     for ln in stderr.splitlines():
         if ln.startswith("-----"):
             in_block = not in_block
             continue
-        if in_block or not ln.strip() or "PMIX ERROR" in ln:
+        if in_block or not ln.strip() or "PMIX ERROR" in ln or ln.startswith("[warn] "):
             continue
         out.append(ln)
     return out
