@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
-from train_helpers import ENV, TRAIN, base_args, make_motion, run_train
+from train_helpers import ENV, TRAIN, base_args, make_motion, program_lines, run_train
 
 from ssmpi import checkpoint as ckpt
 from ssmpi.config import ConfigError, config_from_dict, load_config
@@ -258,7 +258,7 @@ def test_trainer_bad_architecture_exit_2(motion, tmp_path, arch, message):
     for n in (1, 2):
         p = run_train(n, args)
         assert p.returncode == 2, p.stdout + p.stderr
-        err = p.stderr.strip().splitlines()
+        err = program_lines(p.stderr)
         assert len(err) == 1 and message in err[0], p.stderr
     assert not (tmp_path / "bad").exists()
 
