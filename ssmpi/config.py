@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
+from .optim import UNIT_LR_RULES  # optim.unit_lr, besides a list of per-unit factors
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
@@ -160,7 +162,6 @@ CHOICES = {
     "optim.name": ("adam", "sgd"),
     "optim.schedule": ("constant", "step", "cosine"),
 }
-UNIT_LR_RULES = ("same", "stale")  # optim.unit_lr, besides a list of per-unit factors
 POSITIVE = {"run.iterations", "run.log_every", "engine.k", "engine.modules_per_unit",
             "engine.replicas", "engine.update_every", "data.batch_size", "data.clip_len",
             "data.stride", "data.eval_clips_per_video", "data.prefetch", "run.keep_checkpoints"}
