@@ -178,7 +178,7 @@ FLAT = dict(ARCH, fresh=True, background="flat")
 # a remedy that only Skip-Sideways needs is measured against the plain cell's exact BPTT
 TWINS = {"vgg8n-dir4-fresh-stale-lr5e-4": "vgg8n-dir4-fresh-lr5e-4"}
 for _a in ARCHS:
-    for _lr in (5e-4, 2e-4):
+    for _lr in (5e-4, 2e-4, 1e-3):
         ARCH_STUDY.append((f"{_a}-dir4-flat-lr{_lr_name(_lr)}", dict(FLAT, arch=_a, lr=_lr),
                            ("skip", "bptt")))
     # ... Skip-Sideways found direction there within 100-200 iterations and lost it again:
@@ -196,6 +196,13 @@ for _a in ARCHS:
                        dict(FLAT, arch=_a, lr=5e-4, unit_lr=[0] * _nf + [1] * (_L - _nf)),
                        ("skip",)))
     TWINS[f"{_a}-dir4-flat-freeze{_nf}-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
+    # ... the same frozen setting at issue 16's other learning rates, each against the plain
+    # model's exact BPTT at that lr
+    for _lr in (1e-3, 2e-4):
+        ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-lr{_lr_name(_lr)}",
+                           dict(FLAT, arch=_a, lr=_lr, unit_lr=[0] * _nf + [1] * (_L - _nf)),
+                           ("skip",)))
+        TWINS[f"{_a}-dir4-flat-freeze{_nf}-lr{_lr_name(_lr)}"] = f"{_a}-dir4-flat-lr{_lr_name(_lr)}"
     # ... and, for 3000 iterations at a constant lr, the trainable units slowed by the
     # staleness rule as well: frozen alone, vgg8n held >= 0.97 to 1700 iterations, then its
     # training loss rose (0.01 -> 2-13) with test dips to 0.87 (optim.unit_lr takes this list)
