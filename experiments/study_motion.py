@@ -192,17 +192,12 @@ for _a in ARCHS:
     # solution)
     _nf = {"probe": 2, "tiny6": 2, "vgg8n": 3}[_a]
     _L = len(architecture.load_arch_file(ARCH_DIR / f"{_a}.toml")["units"])
-    ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-lr5e-4",
-                       dict(FLAT, arch=_a, lr=5e-4, unit_lr=[0] * _nf + [1] * (_L - _nf)),
-                       ("skip",)))
-    TWINS[f"{_a}-dir4-flat-freeze{_nf}-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
-    # ... the same frozen setting at issue 16's other learning rates, each against the plain
-    # model's exact BPTT at that lr
-    for _lr in (1e-3, 2e-4):
-        ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-lr{_lr_name(_lr)}",
-                           dict(FLAT, arch=_a, lr=_lr, unit_lr=[0] * _nf + [1] * (_L - _nf)),
-                           ("skip",)))
-        TWINS[f"{_a}-dir4-flat-freeze{_nf}-lr{_lr_name(_lr)}"] = f"{_a}-dir4-flat-lr{_lr_name(_lr)}"
+    _frozen = [0] * _nf + [1] * (_L - _nf)  # optim.unit_lr: U1.._nf at lr 0
+    # (at issue 16's three learning rates, each against the plain model's exact BPTT there)
+    for _lr in (5e-4, 1e-3, 2e-4):
+        _cell = f"{_a}-dir4-flat-freeze{_nf}-lr{_lr_name(_lr)}"
+        ARCH_STUDY.append((_cell, dict(FLAT, arch=_a, lr=_lr, unit_lr=_frozen), ("skip",)))
+        TWINS[_cell] = f"{_a}-dir4-flat-lr{_lr_name(_lr)}"
     # ... and, for 3000 iterations at a constant lr, the trainable units slowed by the
     # staleness rule as well: frozen alone, vgg8n held >= 0.97 to 1700 iterations, then its
     # training loss rose (0.01 -> 2-13) with test dips to 0.87 (optim.unit_lr takes this list)
@@ -215,7 +210,7 @@ for _a in ARCHS:
     # when v has decayed over many tiny gradients; AMSGrad divides by the largest v seen)
     ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-amsgrad-lr5e-4",
                        dict(FLAT, arch=_a, lr=5e-4, iters=3000, amsgrad=True,
-                            unit_lr=[0] * _nf + [1] * (_L - _nf)), ("skip",)))
+                            unit_lr=_frozen), ("skip",)))
     TWINS[f"{_a}-dir4-flat-freeze{_nf}-amsgrad-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
     # ... the frozen model's exact BPTT for the same 3000 iterations (no early stop): does the
     # rise come from Skip-Sideways, or from Adam and the cross-entropy at a constant lr (at
@@ -223,11 +218,11 @@ for _a in ARCHS:
     # pseudo-gradients of U4-U8 had cosine 1.00 with the exact ones)?
     ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-long-lr5e-4",
                        dict(FLAT, arch=_a, lr=5e-4, iters=3000, hold=0,
-                            unit_lr=[0] * _nf + [1] * (_L - _nf)), ("bptt",)))
+                            unit_lr=_frozen), ("bptt",)))
     # ... and decoupled weight decay (AdamW), which bounds the weights' growth
     ARCH_STUDY.append((f"{_a}-dir4-flat-freeze{_nf}-wd-lr5e-4",
                        dict(FLAT, arch=_a, lr=5e-4, iters=3000, wd=1.0,
-                            unit_lr=[0] * _nf + [1] * (_L - _nf)), ("skip",)))
+                            unit_lr=_frozen), ("skip",)))
     TWINS[f"{_a}-dir4-flat-freeze{_nf}-wd-lr5e-4"] = f"{_a}-dir4-flat-lr5e-4"
     # the control on this background: Sideways sees one frame per forward, so stays at chance
     ARCH_STUDY.append((f"{_a}-dir4-flat-sideways", dict(FLAT, arch=_a, lr=5e-4, iters=600),
